@@ -1,0 +1,30 @@
+"""vpetl: parameter-efficient transfer learning for vision transformers (V-PETL, PATT, BAPAT)."""
+
+from .config import (
+    Activation,
+    AdapterConfig,
+    InjectConfig,
+    Kernel,
+    LoraConfig,
+    METHODS,
+    PattConfig,
+    preset,
+)
+from .errors import (
+    BaseWeightsWarning,
+    ConfigError,
+    DeltaFileError,
+    DeltaMismatchError,
+    InjectionError,
+    MergeError,
+    VpetlError,
+)
+from .inject import inject, verify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Activation", "AdapterConfig", "BaseWeightsWarning", "ConfigError", "DeltaFileError",
+    "DeltaMismatchError", "InjectConfig", "InjectionError", "Kernel", "LoraConfig", "METHODS",
+    "MergeError", "PattConfig", "VpetlError", "__version__", "inject", "preset", "verify",
+]

@@ -1,0 +1,217 @@
+"""The side branches as plain modules, with no knowledge of any model.
+
+Shapes: ``x2d`` is ``(M, d_in)`` with ``M`` = all tokens of the batch flattened; an
+attention projection's output ``out2d`` is ``(M, n * w)`` holding ``n`` position slots
+(q, k, v) of width ``w``. Branches *add into* those slots in place (``addmm_`` into a view),
+so the projection output is never copied or concatenated.
+
+* :class:`PattBranch` (Eq. 9-10): ``h = act(x W_down^T + b_down)``, ``(M, r)``;
+  slot ``p`` += ``s * (h W_up[p]^T + b_up[p])``. One branch per attention block, shared
+  by all positions (the hidden ``h`` is computed once per input).
+* :class:`LoraBranch`: per position ``p`` a pair ``A_p (r, d_in)``, ``B_p (w, r)``;
+  slot ``p`` += ``scale * (x A_p^T) B_p^T``. No bias; ``B`` zero-initialised.
+* :class:`AdapterBranch` (Eq. 6-7): ``s * (act(x W_down^T + b_down) W_up^T + b_up)``,
+  ``(M, d)``, added to the MLP's output; ``W_up`` and both biases zero-initialised.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import Activation, AdapterConfig, LoraConfig, PattConfig
+
+if TYPE_CHECKING:
+    from .projection import OutputSlots
+
+ACTIVATIONS: dict[Activation, Callable[[Tensor], Tensor]] = {
+    Activation.TANH: torch.tanh,
+    Activation.RELU: F.relu,
+    Activation.GELU: F.gelu,
+}
+
+
+class Branch(nn.Module):
+    """Base of every side branch: knows its kind and can report that forward reached it."""
+
+    kind: str = "branch"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._call_log: set | None = None  # set by vpetl.inject.record_calls while checking
+
+    def _mark_called(self) -> None:
+        if self._call_log is not None:
+            self._call_log.add(id(self))
+
+
+class ProjectionBranch(Branch):
+    """A branch that adds into position slots of attention projections (PATT, LoRA)."""
+
+    positions: str
+
+    def add_into_(self, x: Tensor, x2d: Tensor, out: "OutputSlots") -> None:
+        """Add this branch's matmul part into the slots of ``out`` (a projection output) for
+        every position it covers; biases are separate (:meth:`bias_for`) so the caller can
+        fold them into the frozen projection's bias."""
+        raise NotImplementedError
+
+    def bias_for(self, letter: str) -> Tensor | None:
+        """The constant this branch adds to slot ``letter`` (already scaled), or None."""
+        return None
+
+
+def _add_product_(slot: Tensor, h: Tensor, weight_t: Tensor, alpha: float) -> None:
+    """``slot += alpha * h @ weight_t`` in place; ``slot`` is ``(M, w)`` or ``(M, H, hd)``."""
+    if h.dtype != slot.dtype:  # autocast runs the frozen projection in half precision
+        h, weight_t = h.to(slot.dtype), weight_t.to(slot.dtype)
+    elif weight_t.dtype != slot.dtype:
+        weight_t = weight_t.to(slot.dtype)
+    if slot.dim() == 2:
+        slot.addmm_(h, weight_t, alpha=alpha)
+    else:
+        slot.add_((h @ weight_t).view(slot.shape), alpha=alpha)
+
+
+class PattBranch(ProjectionBranch):
+    """PATT: one shared down-projection ``d_in -> r`` and up-projection ``r -> sum(widths)``.
+
+    ``widths`` maps each position letter to the width of its slot (``d`` for ViT). The
+    up-projection's rows are the positions' chunks in q, k, v order, so for "kv" the first
+    ``d`` rows produce ``K_p`` and the next ``d`` rows ``V_p`` (Eq. 9).
+    """
+
+    kind = "patt"
+
+    def __init__(self, d_in: int, widths: Mapping[str, int], config: PattConfig, bias: bool, consumers: int = 1):
+        super().__init__()
+        self.positions = config.positions
+        self.scale = config.scale
+        self.activation = config.activation
+        self.down = nn.Linear(d_in, config.d_bottle, bias=bias)
+        self.up = nn.Linear(config.d_bottle, sum(widths[c] for c in self.positions), bias=bias)
+        if config.zero_init:
+            nn.init.zeros_(self.up.weight)
+            if self.up.bias is not None:
+                nn.init.zeros_(self.up.bias)
+        self._rows: dict[str, slice] = {}
+        start = 0
+        for c in self.positions:
+            self._rows[c] = slice(start, start + widths[c])
+            start += widths[c]
+        # Separate q/k/v Linears share one hidden h: cache it per input for `consumers` calls.
+        self._consumers = consumers
+        self._cache: tuple[Tensor, Tensor, int] | None = None
+
+    def set_consumers(self, count: int) -> None:
+        """How many projections read ``h`` per forward (1 for a fused qkv, 2 for separate K, V)."""
+        self._consumers = max(1, count)
+        self._cache = None
+
+    def hidden(self, x: Tensor, x2d: Tensor) -> Tensor:
+        """``h = act(x W_down^T + b_down)``, ``(M, r)``; computed once per input tensor."""
+        if self._consumers == 1:
+            return ACTIVATIONS[self.activation](self.down(x2d))
+        cache = self._cache
+        if cache is not None and cache[0] is x:
+            remaining = cache[2] - 1
+            self._cache = (x, cache[1], remaining) if remaining > 0 else None
+            return cache[1]
+        h = ACTIVATIONS[self.activation](self.down(x2d))
+        self._cache = (x, h, self._consumers - 1)
+        return h
+
+    def add_into_(self, x: Tensor, x2d: Tensor, out: "OutputSlots") -> None:
+        self._mark_called()
+        h = self.hidden(x, x2d)
+        for letters in out.runs(self.positions):  # "kv" of a fused qkv: one (M, 2d) GEMM
+            rows = slice(self._rows[letters[0]].start, self._rows[letters[-1]].stop)
+            _add_product_(out.view(letters), h, self.up.weight[rows].t(), self.scale)
+
+    def bias_for(self, letter: str) -> Tensor | None:
+        if self.up.bias is None or letter not in self._rows:
+            return None
+        return self.up.bias[self._rows[letter]] * self.scale
+
+    def extra_repr(self) -> str:
+        return f"positions={self.positions!r}, scale={self.scale}, activation={self.activation.value}"
+
+
+class LoraBranch(ProjectionBranch):
+    """LoRA with a separate low-rank pair per position (``q`` and ``v`` in the paper).
+
+    Children are named by letter, each with ``down`` (A, ``r x d_in``, Kaiming-uniform) and
+    ``up`` (B, ``w x r``, zeros), so keys read ``...vpetl_lora.q.down.weight``.
+    """
+
+    kind = "lora"
+
+    def __init__(self, d_in: int, widths: Mapping[str, int], config: LoraConfig):
+        super().__init__()
+        self.positions = config.positions
+        self.scale = config.scale
+        for c in self.positions:
+            pair = nn.Module()
+            pair.down = nn.Linear(d_in, config.rank, bias=False)
+            pair.up = nn.Linear(config.rank, widths[c], bias=False)
+            nn.init.kaiming_uniform_(pair.down.weight, a=math.sqrt(5))
+            nn.init.zeros_(pair.up.weight)
+            self.add_module(c, pair)
+
+    def pair(self, letter: str) -> nn.Module:
+        return getattr(self, letter)
+
+    def add_into_(self, x: Tensor, x2d: Tensor, out: "OutputSlots") -> None:
+        self._mark_called()
+        for c in self.positions:
+            if c in out.letters:
+                pair = self.pair(c)
+                _add_product_(out.view(c), pair.down(x2d), pair.up.weight.t(), self.scale)
+
+    def delta_weight(self, letter: str) -> Tensor:
+        """``scale * B A``, ``(w, d_in)``: what merging adds to the frozen weight's rows."""
+        pair = self.pair(letter)
+        return (pair.up.weight @ pair.down.weight) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"positions={self.positions!r}, scale={self.scale}"
+
+
+class AdapterBranch(Branch):
+    """AdaptFormer adapter: ``s * up(act(down(x)))``; identity at init (zero ``up``, zero biases)."""
+
+    kind = "adapter"
+
+    def __init__(self, d_in: int, config: AdapterConfig, d_out: int | None = None):
+        super().__init__()
+        self.scale = config.scale
+        self.activation = config.activation
+        self.down = nn.Linear(d_in, config.d_bottle)
+        self.up = nn.Linear(config.d_bottle, d_in if d_out is None else d_out)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._mark_called()
+        return self.up(ACTIVATIONS[self.activation](self.down(x))) * self.scale
+
+    def add_to(self, out: Tensor, x: Tensor) -> Tensor:
+        """``out + s * up(act(down(x)))`` with the scale and sum fused into one ``addmm``."""
+        self._mark_called()
+        h = ACTIVATIONS[self.activation](self.down(x))
+        flat = out.reshape(-1, out.shape[-1])
+        h2d = h.reshape(-1, h.shape[-1])
+        if h2d.dtype != flat.dtype:
+            h2d = h2d.to(flat.dtype)
+        summed = torch.addmm(flat, h2d, self.up.weight.t().to(flat.dtype), alpha=self.scale)
+        return summed.add_(self.up.bias.to(flat.dtype), alpha=self.scale).view(out.shape)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}, activation={self.activation.value}"

@@ -1,0 +1,83 @@
+"""The handler protocol: how one attention shape exposes its q/k/v projections to branches.
+
+A handler *matches* an attention module, *describes* its projections (input width, the
+width of each q/k/v slot, whether the backbone uses biases) and *wires* ready-made branches
+into its forward. The walker (``vpetl.inject``) owns everything else: creating branches,
+registering them under clear names, freezing, verifying that every branch is called.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..branches import PattBranch, ProjectionBranch
+from ..projection import BranchedLinear, SlotLayout
+from ..record import InjectionRecord
+
+
+@dataclass(frozen=True)
+class ProjectionSpec:
+    """What branches need to know about an attention's projections."""
+
+    d_in: int
+    widths: dict[str, int]  # slot width per position letter
+    bias: bool  # the backbone's q/k/v projections carry a bias
+    device: torch.device
+    dtype: torch.dtype
+
+
+class AttentionHandler(ABC):
+    """One attention shape of DESIGN.md §3."""
+
+    name: str = "attention"
+
+    @abstractmethod
+    def match(self, module: nn.Module) -> bool:
+        """True if this handler adapts ``module`` (checked on the module itself, not children)."""
+
+    @abstractmethod
+    def spec(self, module: nn.Module) -> ProjectionSpec:
+        """Shapes of the module's q/k/v projections."""
+
+    @abstractmethod
+    def wire(self, module: nn.Module, branches: list[ProjectionBranch], record: InjectionRecord) -> None:
+        """Make ``module``'s forward add every branch into its q/k/v; log changes in ``record``."""
+
+
+class LinearProjections(AttentionHandler):
+    """Attention whose projections are ``nn.Linear`` children called as modules: each used
+    one is replaced by a :class:`BranchedLinear` that adopts its Parameters (keys unchanged)."""
+
+    @abstractmethod
+    def linears(self, module: nn.Module) -> list[tuple[str, SlotLayout]]:
+        """Child names of the projection Linears and the layout of each one's output."""
+
+    def spec(self, module: nn.Module) -> ProjectionSpec:
+        widths: dict[str, int] = {}
+        has_bias = False
+        for name, layout in self.linears(module):
+            linear = getattr(module, name)
+            for c in layout.letters:
+                widths[c] = linear.out_features // len(layout.letters)
+            has_bias = has_bias or linear.bias is not None
+        first = getattr(module, self.linears(module)[0][0])
+        return ProjectionSpec(first.in_features, widths, has_bias, first.weight.device, first.weight.dtype)
+
+    def wire(self, module: nn.Module, branches: list[ProjectionBranch], record: InjectionRecord) -> None:
+        consumers = {id(b): 0 for b in branches}
+        for name, layout in self.linears(module):
+            users = [b for b in branches if set(b.positions) & set(layout.letters)]
+            if not users:
+                continue
+            wrapped = BranchedLinear(getattr(module, name), layout)
+            record.swap_module(module, name, wrapped)
+            for branch in users:
+                wrapped.attach(branch)
+                consumers[id(branch)] += 1
+        for branch in branches:
+            if isinstance(branch, PattBranch):
+                branch.set_consumers(consumers[id(branch)])

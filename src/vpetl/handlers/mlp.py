@@ -1,0 +1,75 @@
+"""The adapter's place: beside every transformer block's MLP, reading the MLP's input.
+
+The MLP module keeps its keys and Parameters; its class is swapped for a cached subclass
+whose forward is ``mlp(x) + s * adapter(x)`` (Eq. 7, first line: ``x`` is ``LN(Z^)``, the
+MLP's input, the placement that suits pre- and post-norm blocks alike). ``vpetl.unload``
+swaps the class back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..branches import AdapterBranch
+from ..record import InjectionRecord
+
+MLP_NAMES = ("mlp", "ffn", "feed_forward", "mlp_block")
+
+_ADAPTED_CLASSES: dict[type, type] = {}
+
+
+def adapted_class(cls: type) -> type:
+    """``cls`` with forward ``cls.forward(x, ...) + self.vpetl_adapter(x)`` (made once per class)."""
+    if cls not in _ADAPTED_CLASSES:
+
+        def forward(self, x, *args, **kwargs):
+            return self.vpetl_adapter.add_to(cls.forward(self, x, *args, **kwargs), x)
+
+        _ADAPTED_CLASSES[cls] = type(f"Adapted{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
+    return _ADAPTED_CLASSES[cls]
+
+
+def find_mlp(block: nn.Module) -> str | None:
+    """Name of ``block``'s MLP child, or None."""
+    for name in MLP_NAMES:
+        child = block._modules.get(name)
+        if child is not None and any(isinstance(m, nn.Linear) for m in child.modules()):
+            return name
+    return None
+
+
+def mlp_widths(mlp: nn.Module) -> tuple[int, int]:
+    """(input width, output width) of an MLP: its first and last Linear."""
+    linears = [m for m in mlp.modules() if isinstance(m, nn.Linear)]
+    return linears[0].in_features, linears[-1].out_features
+
+
+@dataclass
+class MlpSite:
+    """Where one block's adapter goes: ``module`` at ``path`` reads ``d_in``, writes ``d_out``."""
+
+    path: str
+    module: nn.Module
+    d_in: int
+    d_out: int
+
+    def wire(self, adapter: AdapterBranch, record: InjectionRecord) -> None:
+        record.add_module(self.module, "vpetl_adapter", adapter)
+        record.swap_class(self.module, adapted_class(type(self.module)))
+
+
+def locate_mlp(model: nn.Module, attention_path: str, max_levels: int = 3) -> MlpSite | None:
+    """The MLP of the block that holds the attention at ``attention_path``: the nearest
+    ancestor (up to ``max_levels`` up) with an MLP child."""
+    parts = attention_path.split(".") if attention_path else []
+    for level in range(1, min(max_levels, len(parts)) + 1):
+        block_path = ".".join(parts[:-level])
+        block = model.get_submodule(block_path)
+        name = find_mlp(block)
+        if name is not None:
+            mlp = block._modules[name]
+            d_in, d_out = mlp_widths(mlp)
+            return MlpSite(f"{block_path}.{name}" if block_path else name, mlp, d_in, d_out)
+    return None

@@ -1,0 +1,315 @@
+"""The walker: find every attention and MLP, add the configured branches, freeze the base.
+
+``inject`` works in place and returns the same model. It changes no base state-dict key:
+projections are replaced by modules that adopt their Parameters, MLPs get a subclass, and
+new parameters are named ``<attention>.vpetl_patt.*``, ``<attention>.vpetl_lora.<p>.*`` and
+``<mlp>.vpetl_adapter.*``. Every change is logged so ``vpetl.unload`` can revert it exactly.
+
+A branch that forward never reaches trains nothing, so it is an error: with
+``example_input`` the check runs at once; otherwise on the model's first forward.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .branches import AdapterBranch, Branch, LoraBranch, PattBranch
+from .config import InjectConfig, Kernel, preset
+from .errors import ConfigError, InjectionError, format_names
+from .handlers import HANDLERS, AttentionHandler
+from .handlers.mlp import locate_mlp
+from .heads import find_head_paths
+from .projection import BranchedLinear
+from .record import InjectionRecord, get_record, set_record
+
+PROJECTION_CHILD_NAMES = frozenset(
+    {"qkv", "kv", "q", "k", "v", "query", "key", "value", "q_proj", "k_proj", "v_proj", "in_proj"}
+)
+
+
+@dataclass
+class AttentionSite:
+    path: str
+    module: nn.Module
+    handler: AttentionHandler
+
+
+def inject(
+    model: nn.Module,
+    method: str | InjectConfig = "bapat",
+    *,
+    d_bottle: int | None = None,
+    scale: float | None = None,
+    positions: str | None = None,
+    train_head: bool = True,
+    zero_init: bool = False,
+    kernel: Kernel | str = "auto",
+    strict: bool = True,
+    example_input: Any = None,
+) -> nn.Module:
+    """Add ``method``'s side branches to ``model`` in place, freeze the rest, return ``model``.
+
+    Args:
+        method: "patt", "adapter", "bapat", "lora", "bitfit", "linear", "full", or an
+            ``InjectConfig`` for full control.
+        d_bottle: the one width knob (PATT bottleneck, adapter bottleneck, LoRA rank);
+            None is the paper default (patt/bapat 128, adapter 64, lora 16).
+        scale: the branch scale ``s`` (PATT 0.8, adapter 0.1, LoRA 1.0 by default).
+        positions: letters from "qkv" that PATT (default "kv") or LoRA (default "qv") adapt.
+        train_head: also train the classification head, if the model has one.
+        zero_init: zero-initialise PATT's up-projection (the model is unchanged at step 0).
+        kernel: "auto", "torch" or "triton" implementation of the fused projections.
+        strict: raise (True) or warn (False) when an attention module cannot be adapted.
+        example_input: a model input (tensor or tuple of args) to check at once that every
+            branch is called; without it the check runs on the first forward.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"inject expects a torch.nn.Module; got {type(model).__name__}.")
+    config = _resolve_config(method, d_bottle, scale, positions, train_head, zero_init, kernel)
+    if get_record(model) is not None:
+        raise InjectionError(
+            f"this model is already injected (method {get_record(model).config.method!r}); "
+            "call vpetl.unload(model) first to inject again."
+        )
+    if any(isinstance(m, BranchedLinear) for m in model.modules()):
+        raise InjectionError("part of this model is already injected by vpetl; unload it first.")
+    if config.kernel is Kernel.TRITON:
+        raise ConfigError("kernel='triton' is not available in this vpetl version; use kernel='torch' or 'auto'.")
+
+    record = InjectionRecord(config)
+    try:
+        if config.has_branches:
+            _add_branches(model, config, record, strict)
+        _set_trainable(model, config, record)
+    except BaseException:
+        record.undo()
+        raise
+    set_record(model, record)
+    if record.branches:
+        if example_input is not None:
+            verify(model, example_input)
+        else:
+            _install_first_forward_check(model, record)
+    return model
+
+
+def _resolve_config(method, d_bottle, scale, positions, train_head, zero_init, kernel) -> InjectConfig:
+    if isinstance(method, InjectConfig):
+        given = {"d_bottle": d_bottle, "scale": scale, "positions": positions}
+        clash = [k for k, v in given.items() if v is not None]
+        if clash or zero_init or train_head is not True or kernel != "auto":
+            raise ConfigError(
+                "pass either an InjectConfig or keyword options, not both; "
+                f"got an InjectConfig and {clash or 'train_head/zero_init/kernel'}."
+            )
+        return method
+    return preset(
+        method, d_bottle=d_bottle, scale=scale, positions=positions,
+        train_head=train_head, zero_init=zero_init, kernel=kernel,
+    )
+
+
+def find_attention(model: nn.Module) -> tuple[list[AttentionSite], list[tuple[str, nn.Module]]]:
+    """Attention modules a handler adapts, and attention-like modules none can (unhandled)."""
+    sites: list[AttentionSite] = []
+    suspects: list[tuple[str, nn.Module]] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(s.path + ".") for s in sites):
+            continue
+        handler = next((h for h in HANDLERS if h.match(module)), None)
+        if handler is not None:
+            sites.append(AttentionSite(path, module, handler))
+        elif _looks_like_attention(module):
+            suspects.append((path, module))
+    site_paths = [s.path for s in sites]
+    unhandled = [
+        (p, m) for p, m in suspects
+        if not any(s.startswith(p + ".") or p.startswith(s + ".") for s in site_paths)
+    ]
+    return sites, unhandled
+
+
+def _looks_like_attention(module: nn.Module) -> bool:
+    return bool(PROJECTION_CHILD_NAMES & set(module._modules)) or "in_proj_weight" in module._parameters
+
+
+def _add_branches(model: nn.Module, config: InjectConfig, record: InjectionRecord, strict: bool) -> None:
+    sites, unhandled = find_attention(model)
+    if unhandled:
+        listing = "; ".join(f"{p or '<root>'} ({type(m).__name__})" for p, m in unhandled[:8])
+        message = (
+            f"vpetl cannot adapt {len(unhandled)} attention module(s): {listing}. Their projections are "
+            "not nn.Linear modules called in forward. Pass strict=False to adapt the rest and leave "
+            "these frozen, or open an issue with the model name."
+        )
+        if strict:
+            raise InjectionError(message)
+        warnings.warn(message, stacklevel=3)
+    if not sites:
+        raise InjectionError(
+            f"found no attention module in {type(model).__name__}: vpetl adapts fused qkv Linears, "
+            "separate q/k/v Linears, nn.MultiheadAttention and torchvision window attention."
+        )
+    projection_sites = sites if (config.patt or config.lora) else []
+    for site in projection_sites:
+        _add_projection_branches(site, config, record)
+    if config.adapter is not None:
+        _add_adapters(model, sites, config, record, strict)
+
+
+def _add_projection_branches(site: AttentionSite, config: InjectConfig, record: InjectionRecord) -> None:
+    spec = site.handler.spec(site.module)
+    branches = []
+    for cfg, name in ((config.patt, "vpetl_patt"), (config.lora, "vpetl_lora")):
+        if cfg is None:
+            continue
+        missing = [c for c in cfg.positions if c not in spec.widths]
+        if missing:
+            raise InjectionError(
+                f"{site.path} ({type(site.module).__name__}) has no projection for positions {missing}; "
+                f"it has {''.join(spec.widths)}. Choose positions from those."
+            )
+        widths = {c: spec.widths[c] for c in cfg.positions}
+        if name == "vpetl_patt":
+            bias = spec.bias if cfg.bias is None else cfg.bias
+            branch = PattBranch(spec.d_in, widths, cfg, bias=bias)
+        else:
+            branch = LoraBranch(spec.d_in, widths, cfg)
+        branch.to(device=spec.device, dtype=spec.dtype)
+        record.add_module(site.module, name, branch)
+        record.branches[_join(site.path, name)] = branch
+        branches.append(branch)
+    site.handler.wire(site.module, branches, record)
+
+
+def _add_adapters(
+    model: nn.Module, sites: list[AttentionSite], config: InjectConfig, record: InjectionRecord, strict: bool
+) -> None:
+    done: set[str] = set()
+    missing: list[str] = []
+    for site in sites:
+        mlp_site = locate_mlp(model, site.path)
+        if mlp_site is None:
+            missing.append(f"{site.path} ({type(site.module).__name__})")
+            continue
+        if mlp_site.path in done:
+            continue
+        done.add(mlp_site.path)
+        ref = next(mlp_site.module.parameters())
+        adapter = AdapterBranch(mlp_site.d_in, config.adapter, mlp_site.d_out).to(device=ref.device, dtype=ref.dtype)
+        mlp_site.wire(adapter, record)
+        record.branches[_join(mlp_site.path, "vpetl_adapter")] = adapter
+    if missing:
+        message = (
+            f"found no MLP beside {len(missing)} attention module(s): {', '.join(missing[:8])}; the adapter "
+            "sits beside a block's MLP child named one of mlp/ffn/feed_forward. Pass strict=False to skip them."
+        )
+        if strict or not done:
+            raise InjectionError(message)
+        warnings.warn(message, stacklevel=4)
+
+
+def _set_trainable(model: nn.Module, config: InjectConfig, record: InjectionRecord) -> None:
+    record.remember_requires_grad(model)
+    record.head_paths = find_head_paths(model)
+    branch_params = {id(p) for b in record.branches.values() for p in b.parameters()}
+    head_prefixes = tuple(p + "." for p in record.head_paths) if config.train_head else ()
+    trainable = []
+    for name, param in model.named_parameters():
+        train = (
+            id(param) in branch_params
+            or config.train_all
+            or name.startswith(head_prefixes) and bool(head_prefixes)
+            or config.train_biases and name.rsplit(".", 1)[-1].endswith("bias")
+        )
+        param.requires_grad_(train)
+        if train:
+            trainable.append(name)
+    record.delta_names = tuple(trainable)
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+@contextmanager
+def record_calls(model: nn.Module) -> Iterator[set[int]]:
+    """Within the block, every branch of ``model`` logs its id when forward reaches it."""
+    record = _require_record(model)
+    log: set[int] = set()
+    for branch in record.branches.values():
+        branch._call_log = log
+    try:
+        yield log
+    finally:
+        for branch in record.branches.values():
+            branch._call_log = None
+
+
+def uncalled_branches(model: nn.Module, log: set[int]) -> list[str]:
+    record = _require_record(model)
+    return [path for path, branch in record.branches.items() if id(branch) not in log]
+
+
+def verify(model: nn.Module, example_input: Any) -> None:
+    """Run one forward (no grad) and raise if any branch was not called."""
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    with torch.no_grad(), record_calls(model) as log:
+        model(*args)
+    _raise_if_uncalled(model, log)
+
+
+def _raise_if_uncalled(model: nn.Module, log: set[int]) -> None:
+    missing = uncalled_branches(model, log)
+    if missing:
+        raise InjectionError(
+            f"{len(missing)} vpetl branch(es) were never called in forward, so they would train nothing: "
+            f"{format_names(missing, 8)}. The module's forward bypasses the adapted projection (for "
+            "example it reads .weight itself). Please report the model class; vpetl.unload(model) "
+            "restores the original."
+        )
+
+
+def _install_first_forward_check(model: nn.Module, record: InjectionRecord) -> None:
+    pre = model.register_forward_pre_hook(_start_check)
+    post = model.register_forward_hook(_finish_check)
+    record.hooks.extend([("pre", pre.id), ("post", post.id)])
+
+
+def _start_check(module: nn.Module, args: Any) -> None:
+    record = get_record(module)
+    if record is not None:
+        log: set[int] = set()
+        for branch in record.branches.values():
+            branch._call_log = log
+
+
+def _finish_check(module: nn.Module, args: Any, output: Any) -> None:
+    record = get_record(module)
+    if record is None or not record.branches:
+        return
+    log = next(iter(record.branches.values()))._call_log
+    for branch in record.branches.values():
+        branch._call_log = None
+    record.remove_hooks(module)
+    if log is not None:
+        _raise_if_uncalled(module, log)
+
+
+def _require_record(model: nn.Module) -> InjectionRecord:
+    record = get_record(model)
+    if record is None:
+        raise InjectionError(f"this {type(model).__name__} is not injected; call vpetl.inject(model, ...) first.")
+    return record
+
+
+def branches_of(model: nn.Module) -> dict[str, Branch]:
+    """The injected branches by parameter-name prefix."""
+    return dict(_require_record(model).branches)

@@ -1,0 +1,136 @@
+"""What ``inject`` changed in a model, as plain data, so it can be undone exactly.
+
+The record lives on the model as ``model._vpetl`` (a plain attribute, not a submodule, so it
+adds no state-dict keys). Undo steps hold module references, never closures: ``copy.deepcopy``
+of an injected model then yields a record that points at the copy's modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .config import InjectConfig
+
+RECORD_ATTR = "_vpetl"
+_MISSING = object()
+
+
+@dataclass
+class ModuleSwap:
+    """``parent.<name>`` was ``original`` before inject."""
+
+    parent: nn.Module
+    name: str
+    original: nn.Module
+
+    def undo(self) -> None:
+        setattr(self.parent, self.name, self.original)
+
+
+@dataclass
+class AddedModule:
+    """``parent.<name>`` was added by inject."""
+
+    parent: nn.Module
+    name: str
+
+    def undo(self) -> None:
+        if self.name in self.parent._modules:
+            del self.parent._modules[self.name]
+
+
+@dataclass
+class ClassSwap:
+    """``module.__class__`` was ``original`` before inject."""
+
+    module: nn.Module
+    original: type
+
+    def undo(self) -> None:
+        self.module.__class__ = self.original
+
+
+@dataclass
+class AttrSet:
+    """``obj.<name>`` was ``old`` (or absent) before inject."""
+
+    obj: Any
+    name: str
+    old: Any
+
+    def undo(self) -> None:
+        if self.old is _MISSING:
+            delattr(self.obj, self.name)
+        else:
+            setattr(self.obj, self.name, self.old)
+
+
+@dataclass
+class RequiresGrad:
+    """The ``requires_grad`` flags of every parameter before inject."""
+
+    flags: list[tuple[nn.Parameter, bool]]
+
+    def undo(self) -> None:
+        for param, flag in self.flags:
+            param.requires_grad_(flag)
+
+
+@dataclass
+class InjectionRecord:
+    """The config, the branches by module path, the delta's parameter names, and the undo log."""
+
+    config: InjectConfig
+    branches: dict[str, nn.Module] = field(default_factory=dict)
+    delta_names: tuple[str, ...] = ()
+    head_paths: tuple[str, ...] = ()
+    undo_log: list[Any] = field(default_factory=list)
+    hooks: list[tuple[str, int]] = field(default_factory=list)  # ("pre" | "post", hook id) on the root
+
+    def swap_module(self, parent: nn.Module, name: str, new: nn.Module) -> None:
+        self.undo_log.append(ModuleSwap(parent, name, getattr(parent, name)))
+        setattr(parent, name, new)
+
+    def add_module(self, parent: nn.Module, name: str, module: nn.Module) -> None:
+        if hasattr(parent, name):
+            raise AttributeError(f"{type(parent).__name__} already has an attribute {name!r}")
+        self.undo_log.append(AddedModule(parent, name))
+        parent.add_module(name, module)
+
+    def swap_class(self, module: nn.Module, new_class: type) -> None:
+        self.undo_log.append(ClassSwap(module, type(module)))
+        module.__class__ = new_class
+
+    def set_attr(self, obj: Any, name: str, value: Any) -> None:
+        self.undo_log.append(AttrSet(obj, name, getattr(obj, name, _MISSING)))
+        setattr(obj, name, value)
+
+    def remember_requires_grad(self, model: nn.Module) -> None:
+        self.undo_log.append(RequiresGrad([(p, p.requires_grad) for p in model.parameters()]))
+
+    def remove_hooks(self, model: nn.Module) -> None:
+        for kind, hook_id in self.hooks:
+            hooks = model._forward_pre_hooks if kind == "pre" else model._forward_hooks
+            hooks.pop(hook_id, None)
+        self.hooks.clear()
+
+    def undo(self, model: nn.Module | None = None) -> None:
+        """Revert every change, newest first (``model``: the root, to remove its hooks)."""
+        if model is not None:
+            self.remove_hooks(model)
+        while self.undo_log:
+            self.undo_log.pop().undo()
+
+
+def get_record(model: nn.Module) -> InjectionRecord | None:
+    return model.__dict__.get(RECORD_ATTR)
+
+
+def set_record(model: nn.Module, record: InjectionRecord | None) -> None:
+    if record is None:
+        model.__dict__.pop(RECORD_ATTR, None)
+    else:
+        model.__dict__[RECORD_ATTR] = record
