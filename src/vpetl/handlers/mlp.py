@@ -8,6 +8,7 @@ swaps the class back.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
@@ -56,20 +57,43 @@ class MlpSite:
     d_out: int
 
     def wire(self, adapter: AdapterBranch, record: InjectionRecord) -> None:
+        """Register ``adapter`` as ``<path>.vpetl_adapter`` and make forward add it (class swap).
+        Subclasses place it differently (e.g. a layer whose MLP is inline in its forward)."""
         record.add_module(self.module, "vpetl_adapter", adapter)
         record.swap_class(self.module, adapted_class(type(self.module)))
 
 
+MlpLocator = Callable[[nn.Module, str], "MlpSite | None"]
+
+
+def locate_child_mlp(block: nn.Module, block_path: str) -> MlpSite | None:
+    """A block with an MLP child module (timm, torchvision ViT/Swin/Swin3D/MViT)."""
+    name = find_mlp(block)
+    if name is None:
+        return None
+    mlp = block._modules[name]
+    d_in, d_out = mlp_widths(mlp)
+    return MlpSite(_join(block_path, name), mlp, d_in, d_out)
+
+
+# Tried in order on each ancestor block; other handler modules append their own
+# (e.g. nn.TransformerEncoderLayer, HF ViT's intermediate/output pair).
+MLP_LOCATORS: list[MlpLocator] = [locate_child_mlp]
+
+
 def locate_mlp(model: nn.Module, attention_path: str, max_levels: int = 3) -> MlpSite | None:
     """The MLP of the block that holds the attention at ``attention_path``: the nearest
-    ancestor (up to ``max_levels`` up) with an MLP child."""
+    ancestor (up to ``max_levels`` up) that a locator recognises."""
     parts = attention_path.split(".") if attention_path else []
     for level in range(1, min(max_levels, len(parts)) + 1):
         block_path = ".".join(parts[:-level])
         block = model.get_submodule(block_path)
-        name = find_mlp(block)
-        if name is not None:
-            mlp = block._modules[name]
-            d_in, d_out = mlp_widths(mlp)
-            return MlpSite(f"{block_path}.{name}" if block_path else name, mlp, d_in, d_out)
+        for locator in MLP_LOCATORS:
+            site = locator(block, block_path)
+            if site is not None:
+                return site
     return None
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
