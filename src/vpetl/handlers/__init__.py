@@ -5,6 +5,7 @@ nn.MultiheadAttention) must be claimed before the generic fused/separate Linear 
 """
 
 from .base import AttentionHandler, LinearProjections, ProjectionSpec
+from . import hf_mlp  # noqa: F401  (registers its MLP locator)
 from .fused_qkv import FusedQkvHandler
 from .mha import MultiheadAttentionHandler
 from .separate_qkv import SeparateQkvHandler

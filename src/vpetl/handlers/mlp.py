@@ -82,11 +82,12 @@ MLP_LOCATORS: list[MlpLocator] = [locate_child_mlp]
 
 
 def locate_mlp(model: nn.Module, attention_path: str, max_levels: int = 3) -> MlpSite | None:
-    """The MLP of the block that holds the attention at ``attention_path``: the nearest
-    ancestor (up to ``max_levels`` up) that a locator recognises."""
+    """The MLP of the block that holds the attention at ``attention_path``: the attention
+    site itself (a whole layer, e.g. nn.TransformerEncoderLayer) or the nearest ancestor
+    (up to ``max_levels`` up) that a locator recognises."""
     parts = attention_path.split(".") if attention_path else []
-    for level in range(1, min(max_levels, len(parts)) + 1):
-        block_path = ".".join(parts[:-level])
+    for level in range(0, min(max_levels, len(parts)) + 1):
+        block_path = ".".join(parts[: len(parts) - level])
         block = model.get_submodule(block_path)
         for locator in MLP_LOCATORS:
             site = locator(block, block_path)
