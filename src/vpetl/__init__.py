@@ -20,11 +20,14 @@ from .errors import (
     VpetlError,
 )
 from .inject import inject, verify
+from .merge import merge, unload
+from .summary import Summary, summary
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Activation", "AdapterConfig", "BaseWeightsWarning", "ConfigError", "DeltaFileError",
     "DeltaMismatchError", "InjectConfig", "InjectionError", "Kernel", "LoraConfig", "METHODS",
-    "MergeError", "PattConfig", "VpetlError", "__version__", "inject", "preset", "verify",
+    "MergeError", "PattConfig", "Summary", "VpetlError", "__version__", "inject", "merge", "preset",
+    "summary", "unload", "verify",
 ]

@@ -187,6 +187,7 @@ def _add_projection_branches(site: AttentionSite, config: InjectConfig, record: 
         record.branches[_join(site.path, name)] = branch
         branches.append(branch)
     site.handler.wire(site.module, branches, record)
+    record.sites.append((site.module, site.handler))
 
 
 def _add_adapters(

@@ -40,6 +40,15 @@ class SlotLayout:
         w = out2d.shape[1] // n
         return out2d[:, first * w : (first + len(letters)) * w]
 
+    def rows(self, weight: Tensor, letter: str) -> Tensor:
+        """The rows of a ``(n*w, d_in)`` weight that produce slot ``letter``: a view,
+        ``(w, d_in)`` or head-major ``(H, hd, d_in)`` (used to merge LoRA in place)."""
+        n, i = len(self.letters), self.letters.index(letter)
+        if self.heads:
+            return weight.view(self.heads, n, -1, weight.shape[1])[:, i]
+        w = weight.shape[0] // n
+        return weight[i * w : (i + 1) * w]
+
     def runs(self, positions: str) -> list[str]:
         """Group ``positions`` held here into runs of adjacent columns (one GEMM each)."""
         runs: list[str] = []

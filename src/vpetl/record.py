@@ -85,6 +85,7 @@ class InjectionRecord:
 
     config: InjectConfig
     branches: dict[str, nn.Module] = field(default_factory=dict)
+    sites: list[tuple[nn.Module, Any]] = field(default_factory=list)  # (attention module, its handler)
     delta_names: tuple[str, ...] = ()
     head_paths: tuple[str, ...] = ()
     undo_log: list[Any] = field(default_factory=list)

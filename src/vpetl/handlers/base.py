@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..branches import PattBranch, ProjectionBranch
+from ..errors import MergeError
 from ..projection import BranchedLinear, SlotLayout
 from ..record import InjectionRecord
 
@@ -47,6 +48,11 @@ class AttentionHandler(ABC):
     def wire(self, module: nn.Module, branches: list[ProjectionBranch], record: InjectionRecord) -> None:
         """Make ``module``'s forward add every branch into its q/k/v; log changes in ``record``."""
 
+    def weight_rows(self, module: nn.Module, letter: str) -> torch.Tensor:
+        """A view of the frozen weight rows producing position ``letter`` (``(w, d_in)`` or
+        ``(H, hd, d_in)``), so ``vpetl.merge`` can fold LoRA into them in place."""
+        raise MergeError(f"vpetl cannot merge LoRA into {type(module).__name__} (handler {self.name!r}).")
+
 
 class LinearProjections(AttentionHandler):
     """Attention whose projections are ``nn.Linear`` children called as modules: each used
@@ -55,6 +61,12 @@ class LinearProjections(AttentionHandler):
     @abstractmethod
     def linears(self, module: nn.Module) -> list[tuple[str, SlotLayout]]:
         """Child names of the projection Linears and the layout of each one's output."""
+
+    def weight_rows(self, module: nn.Module, letter: str) -> torch.Tensor:
+        for child in module.children():
+            if isinstance(child, BranchedLinear) and letter in child.layout.letters:
+                return child.layout.rows(child.weight, letter)
+        raise MergeError(f"{type(module).__name__} has no projection for position {letter!r}.")
 
     def spec(self, module: nn.Module) -> ProjectionSpec:
         widths: dict[str, int] = {}

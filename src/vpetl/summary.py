@@ -1,0 +1,70 @@
+"""``vpetl.summary(model)``: trainable versus total parameters, per branch kind."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .record import get_record
+
+KIND_MARKERS = (("patt", ".vpetl_patt."), ("lora", ".vpetl_lora."), ("adapter", ".vpetl_adapter."))
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Counts of a model's parameters; ``str(summary)`` is a printable table."""
+
+    method: str | None
+    trainable_by_kind: dict[str, int]
+    trainable: int
+    total: int
+    base_total: int
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        title = f"vpetl summary (method {self.method!r})" if self.method else "vpetl summary (not injected)"
+        width = max([len(k) for k in self.trainable_by_kind] + [9])
+        lines = [title, f"{'kind':<{width}}  {'trainable':>12}"]
+        lines += [f"{kind:<{width}}  {count:>12,}" for kind, count in self.trainable_by_kind.items()]
+        lines.append("-" * (width + 14))
+        lines.append(
+            f"{'trainable':<{width}}  {self.trainable:>12,}  ({100 * self.trainable_fraction:.2f}% of "
+            f"{self.total:,} total; base {self.base_total:,})"
+        )
+        return "\n".join(lines)
+
+
+def _kind(name: str, head_prefixes: tuple[str, ...]) -> str:
+    dotted = "." + name
+    for kind, marker in KIND_MARKERS:
+        if marker in dotted:
+            return kind
+    if head_prefixes and name.startswith(head_prefixes):
+        return "head"
+    if name.rsplit(".", 1)[-1].endswith("bias"):
+        return "bias"
+    return "base"
+
+
+def summary(model: nn.Module) -> Summary:
+    """Trainable parameters of ``model`` (by ``requires_grad``) grouped into patt / lora /
+    adapter / head / bias / base, with the total and the base-model total."""
+    record = get_record(model)
+    head_prefixes = tuple(p + "." for p in record.head_paths) if record else ()
+    by_kind: dict[str, int] = {}
+    trainable = total = base_total = 0
+    for name, param in model.named_parameters():
+        kind = _kind(name, head_prefixes)
+        total += param.numel()
+        if kind not in ("patt", "lora", "adapter"):
+            base_total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+            by_kind[kind] = by_kind.get(kind, 0) + param.numel()
+    order = ["patt", "adapter", "lora", "head", "bias", "base"]
+    ordered = {k: by_kind[k] for k in order if k in by_kind}
+    return Summary(record.config.method if record else None, ordered, trainable, total, base_total)
