@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny random-weight models so the suite stays fast on 2 CPU cores."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+
+def tiny_vit(num_classes: int = 10, depth: int = 2, embed_dim: int = 32, seed: int = 0) -> torch.nn.Module:
+    """timm ViT with 2 blocks, width 32, 2 heads, 32x32 images in 8x8 patches (17 tokens)."""
+    torch.manual_seed(seed)
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=num_classes, img_size=32,
+        patch_size=8, depth=depth, embed_dim=embed_dim, num_heads=2,
+    )
+
+
+@pytest.fixture
+def vit():
+    return tiny_vit()
+
+
+@pytest.fixture
+def images():
+    torch.manual_seed(1)
+    return torch.randn(2, 3, 32, 32)
