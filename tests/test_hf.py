@@ -97,7 +97,7 @@ def test_verify_and_structure(name):
     if name == "videomae":  # split MLP: the adapter lives on `intermediate`
         assert "videomae.encoder.layer.0.intermediate.vpetl_adapter.down.weight" in keys
     else:  # transformers 5.x ViT has an `mlp` child
-        assert "vit.encoder.layer.0.mlp.vpetl_adapter.down.weight" in keys
+        assert "vit.layers.0.mlp.vpetl_adapter.down.weight" in keys
 
 
 @pytest.mark.parametrize("name", MODELS)
