@@ -1,0 +1,433 @@
+"""Save and load the trained part of an injected model: a small ``.safetensors`` file.
+
+A delta file holds only the tensors ``inject`` made trainable (``get_record(model).delta_names``)
+and, in the safetensors header's string metadata, everything needed to rebuild the injection on
+a fresh base model and to check that it fits:
+
+=================  ===============================================================================
+key                value
+=================  ===============================================================================
+``format``         ``"vpetl.delta"``
+``format_version`` ``"1"``
+``vpetl_version``  the vpetl version that wrote the file
+``config``         the ``InjectConfig`` as JSON (``InjectConfig.to_dict``)
+``base_shapes``    JSON ``{name: [shape]}`` of every base parameter (no ``vpetl_`` in the name,
+                   head included): the architecture fingerprint
+``base_hash``      blake2b of the frozen base weights (name, shape, dtype, 64 evenly spaced values)
+``model_class``    the model's class name (informational, used in messages)
+``tensor_count``   the number of tensors in the file
+=================  ===============================================================================
+
+The file is plain safetensors (never pickle): any safetensors reader opens it. Saving is atomic:
+the bytes go to a temporary file in the target directory, which is fsynced and then renamed onto
+the target, so a failure leaves neither a half-written file nor a damaged previous one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import secrets
+import struct
+import warnings
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from .config import InjectConfig, Kernel
+from .errors import BaseWeightsWarning, DeltaFileError, DeltaMismatchError, InjectionError, format_names
+from .inject import inject
+from .record import get_record, set_record
+
+FORMAT_NAME = "vpetl.delta"
+FORMAT_VERSION = "1"
+BRANCH_MARKER = "vpetl_"
+HASH_SAMPLES = 64
+METADATA_KEYS = (
+    "format", "format_version", "vpetl_version", "config", "base_shapes", "base_hash", "model_class",
+    "tensor_count",
+)
+_MAX_HEADER_BYTES = 100_000_000  # the safetensors limit
+
+PathLike = str | os.PathLike
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def delta_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors ``inject`` chose, by state-dict name (detached, on their device)."""
+    record = get_record(model)
+    if record is None:
+        raise InjectionError(
+            f"this {type(model).__name__} is not injected, so it has no delta; call vpetl.inject(model, ...) first."
+        )
+    params = dict(model.named_parameters())
+    missing = [n for n in record.delta_names if n not in params]
+    if missing:
+        raise InjectionError(
+            f"the injection record names parameters the model no longer has: {format_names(missing)}. "
+            "Was the model changed after vpetl.inject?"
+        )
+    return {name: params[name].detach() for name in record.delta_names}
+
+
+def save_delta(model: nn.Module, path: PathLike) -> Path:
+    """Write the delta of an injected ``model`` to ``path`` (one safetensors file); return the path.
+
+    Only the trainable tensors are stored, on CPU and contiguous, with the injection config and a
+    fingerprint of the base in the metadata (see the module docstring). The write is atomic.
+    """
+    from . import __version__  # lazy: vpetl/__init__ imports this module
+
+    tensors = _saveable(delta_state_dict(model))
+    record = get_record(model)
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "vpetl_version": __version__,
+        "config": json.dumps(record.config.to_dict(), sort_keys=True),
+        "base_shapes": json.dumps(base_shapes(model), sort_keys=True, separators=(",", ":")),
+        "base_hash": base_hash(model, exclude=set(tensors)),
+        "model_class": type(model).__name__,
+        "tensor_count": str(len(tensors)),
+    }
+    target = Path(os.fspath(path))
+    _atomic_write(target, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
+    return target
+
+
+def load_delta(model: nn.Module, path: PathLike, *, strict: bool = True) -> nn.Module:
+    """Load a delta file into ``model`` and return it.
+
+    A plain (not injected) model is first checked against the delta's base fingerprint, then
+    injected with the stored config; an injected model must carry the same config. The tensors
+    are then copied in (onto the model's device and dtype). If the base weights differ from the
+    ones the delta was trained on, a ``BaseWeightsWarning`` is issued and the values are loaded.
+
+    ``strict=False`` loads what fits: differences of architecture, and delta tensors the model
+    lacks or holds with another shape (e.g. a head for another number of classes) are skipped
+    with a warning instead of raising. A different injection config always raises.
+
+    Raises ``DeltaFileError`` for an unreadable file and ``DeltaMismatchError`` when the delta
+    does not fit; on either, a model that was not injected is left untouched.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load_delta expects a torch.nn.Module; got {type(model).__name__}.")
+    path = Path(os.fspath(path))
+    metadata, tensor_names = read_header(path)
+    config = _stored_config(path, metadata)
+    stored_shapes = _json_field(path, metadata, "base_shapes", dict)
+    origin = f"the delta {path} (saved from {metadata.get('model_class', 'a model')})"
+
+    arch_problems = _compare_base(stored_shapes, base_shapes(model))
+    if arch_problems:
+        message = f"{origin} does not fit this {type(model).__name__}'s architecture: {arch_problems}"
+        if strict:
+            raise DeltaMismatchError(
+                message + ". Build the model the delta was trained with (same depth, width and head), "
+                "or pass strict=False to load only what fits."
+            )
+        warnings.warn(message + "; loading what fits (strict=False).", stacklevel=2)
+
+    record = get_record(model)
+    if record is not None and _comparable(record.config) != _comparable(config):
+        raise DeltaMismatchError(
+            f"{origin} was saved with injection config\n  {_show(config)}\nbut the model is injected with\n  "
+            f"{_show(record.config)}.\nCall vpetl.unload(model) and load the delta into the plain model "
+            "(load_delta injects it with the stored config)."
+        )
+    same_base = base_hash(model, exclude=set(tensor_names)) == metadata.get("base_hash")
+
+    tensors = _read_tensors(path)
+    injected_here = record is None
+    if injected_here:
+        inject(model, config)
+        record = get_record(model)
+    try:
+        _copy_in(model, record.delta_names, tensors, origin, strict)
+    except BaseException:
+        if injected_here:  # leave the model as it came
+            record.undo(model)
+            set_record(model, None)
+        raise
+    if not same_base and not arch_problems:
+        warnings.warn(
+            f"{origin} was trained on other base weights than this model's (the base-weight hashes differ; "
+            "a cast to another dtype counts as different); "
+            "the delta is loaded, but outputs will differ from the trained model. Load the same pretrained "
+            "checkpoint the delta was trained on.",
+            BaseWeightsWarning,
+            stacklevel=2,
+        )
+    return model
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def base_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """``{name: shape}`` of every base parameter (every parameter not added by vpetl)."""
+    return {n: list(p.shape) for n, p in model.named_parameters() if BRANCH_MARKER not in n}
+
+
+def base_hash(model: nn.Module, exclude: set[str] = frozenset()) -> str:
+    """A cheap, deterministic hash of the frozen base weights.
+
+    Covers every base parameter not in ``exclude`` (the delta's own tensors): its name, shape,
+    dtype and ``HASH_SAMPLES`` evenly spaced values (first and last included) as float32. Reads
+    at most 64 values per tensor, so it costs milliseconds even for ViT-B.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    params = sorted((n, p) for n, p in model.named_parameters() if BRANCH_MARKER not in n and n not in exclude)
+    for name, param in params:
+        digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|".encode())
+        flat = param.detach().reshape(-1)
+        if flat.numel() == 0:
+            continue
+        count = min(flat.numel(), HASH_SAMPLES)
+        index = torch.linspace(0, flat.numel() - 1, count, dtype=torch.float64).round().long()
+        sample = flat[index.to(flat.device)].to("cpu", torch.float32).tolist()
+        digest.update(struct.pack(f"<{count}f", *sample))
+    return digest.hexdigest()
+
+
+def _compare_base(stored: dict[str, Any], current: dict[str, list[int]]) -> str:
+    """A description of every name / shape difference, or "" if the architectures match."""
+    parts = []
+    missing = set(stored) - set(current)
+    unexpected = set(current) - set(stored)
+    if missing:
+        parts.append(f"parameters the model lacks: {format_names(missing)}")
+    if unexpected:
+        parts.append(f"parameters the delta's base lacks: {format_names(unexpected)}")
+    shapes = _shape_diffs(stored, current)
+    if shapes:
+        parts.append(f"shapes differ: {shapes}")
+    return "; ".join(parts)
+
+
+def _shape_diffs(delta: dict[str, Any], model: dict[str, Any], limit: int = 12) -> str:
+    """"name: delta has (..), model has (..)" for every common name whose shapes differ, sorted."""
+    diffs = sorted(
+        f"{n}: delta has {_shape(delta[n])}, model has {_shape(model[n])}"
+        for n in set(delta) & set(model)
+        if _shape(delta[n]) != _shape(model[n])
+    )
+    more = f"; ... ({len(diffs) - limit} more)" if len(diffs) > limit else ""
+    return "; ".join(diffs[:limit]) + more
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_header(path: Path) -> tuple[dict[str, str], list[str]]:
+    """Validate ``path`` as a vpetl delta from its header alone; return (metadata, tensor names).
+
+    Raises ``DeltaFileError`` naming the path and the reason.
+    """
+    if not path.exists():
+        raise _file_error(path, "file does not exist")
+    if path.is_dir():
+        raise _file_error(path, "is a directory, not a delta file")
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise _file_error(path, "file is empty")
+            if size < 8:
+                raise _file_error(path, f"not a safetensors file (only {size} bytes, less than its 8-byte header)")
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            first = f.read(1)
+            if header_len < 2 or header_len > _MAX_HEADER_BYTES or first != b"{":
+                raise _file_error(path, "not a safetensors file (header is unreadable)")
+            if 8 + header_len > size:
+                raise _file_error(path, f"truncated: header says {8 + header_len} bytes, file has {size}")
+            raw = first + f.read(header_len - 1)
+    except OSError as e:
+        raise _file_error(path, f"cannot be read ({e.strerror or e})") from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError):
+        raise _file_error(path, "not a safetensors file (header is unreadable)") from None
+    expected = 8 + header_len + max(ends, default=0)
+    if size < expected:
+        raise _file_error(path, f"truncated: header says {expected} bytes, file has {size}")
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
+        raise _file_error(path, "not a vpetl delta (no vpetl metadata); it is a safetensors file of other tensors")
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        raise _file_error(
+            path, f"unsupported delta format version {version!r} (this vpetl reads version {FORMAT_VERSION}); "
+            "upgrade vpetl to read it"
+        )
+    absent = [k for k in METADATA_KEYS if k not in metadata and k != "model_class"]
+    if absent:
+        raise _file_error(path, f"corrupt vpetl metadata: missing {format_names(absent)}")
+    names = [k for k in header if k != "__metadata__"]
+    if metadata["tensor_count"] != str(len(names)):
+        raise _file_error(path, f"corrupt: metadata says {metadata['tensor_count']} tensors, file has {len(names)}")
+    return metadata, names
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load_file(path, device="cpu")
+    except Exception as e:  # safetensors raises its own SafetensorError for bad buffers
+        raise _file_error(path, f"tensor data is unreadable ({e})") from e
+
+
+def _stored_config(path: Path, metadata: dict[str, str]) -> InjectConfig:
+    data = _json_field(path, metadata, "config", dict)
+    try:
+        return InjectConfig.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise _file_error(path, f"the stored injection config cannot be used: {e}") from e
+
+
+def _json_field(path: Path, metadata: dict[str, str], key: str, kind: type) -> Any:
+    try:
+        value = json.loads(metadata[key])
+    except (KeyError, ValueError):
+        raise _file_error(path, f"corrupt vpetl metadata: {key!r} is not valid JSON") from None
+    if not isinstance(value, kind):
+        raise _file_error(path, f"corrupt vpetl metadata: {key!r} is not a JSON {kind.__name__}")
+    return value
+
+
+# --------------------------------------------------------------------------- loading values
+
+
+def _copy_in(
+    model: nn.Module, delta_names: tuple[str, ...], tensors: dict[str, torch.Tensor], origin: str, strict: bool
+) -> None:
+    """Check the delta's keys and shapes against ``delta_names``, then copy the values in."""
+    params = dict(model.named_parameters())
+    missing = set(delta_names) - set(tensors)
+    unexpected = set(tensors) - set(delta_names)
+    shape_diffs = _shape_diffs(
+        {n: t.shape for n, t in tensors.items()}, {n: params[n].shape for n in delta_names}
+    )
+    problems = []
+    if missing:
+        problems.append(f"tensors the delta lacks: {format_names(missing)}")
+    if unexpected:
+        problems.append(f"tensors the model does not train: {format_names(unexpected)}")
+    if shape_diffs:
+        problems.append(f"shapes differ: {shape_diffs}")
+    if problems:
+        message = f"{origin} does not match the model's trainable parameters: {'; '.join(problems)}"
+        if strict:
+            raise DeltaMismatchError(message + ".")
+        warnings.warn(message + "; those are skipped (strict=False).", stacklevel=3)
+    with torch.no_grad():
+        for name in delta_names:
+            value = tensors.get(name)
+            if value is not None and value.shape == params[name].shape:
+                params[name].copy_(value)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _saveable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous tensors that share no storage (safetensors refuses shared memory)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in tensors.items():
+        t = tensor.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen and t.numel() > 0:
+            t = t.clone()
+            ptr = t.untyped_storage().data_ptr()
+        seen.add(ptr)
+        out[name] = t
+    return out
+
+
+def _atomic_write(target: Path, write) -> None:
+    """Call ``write(tmp_path)`` on a fresh file beside ``target``, fsync it, rename it onto ``target``.
+
+    On any error the temporary file is removed and an existing ``target`` is untouched.
+    """
+    if target.is_dir():
+        raise _file_error(target, "is a directory; pass a file path such as " f"{target / 'delta.safetensors'}")
+    directory = target.parent
+    if not directory.is_dir():
+        reason = "does not exist" if not directory.exists() else "is not a directory"
+        raise _file_error(target, f"cannot save: the directory {directory} {reason}; create it first")
+    tmp = _create_unique(directory, target.name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_directory(directory)
+
+
+def _create_unique(directory: Path, name: str) -> Path:
+    """Create an empty file with a unique name (default permissions, honouring the umask)."""
+    for _ in range(100):
+        tmp = directory / f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise _file_error(directory / name, f"cannot save: {e.strerror or e}") from e
+        os.close(fd)
+        return tmp
+    raise _file_error(directory / name, "cannot save: no unique temporary file name found")
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename durable (POSIX); best effort elsewhere."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _file_error(path: Path, reason: str) -> DeltaFileError:
+    return DeltaFileError(f"{path}: {reason}.")
+
+
+def _shape(shape: Any) -> str:
+    try:
+        return str(tuple(int(s) for s in shape))
+    except (TypeError, ValueError):
+        return repr(shape)  # a corrupt fingerprint entry: shown as is, never equal to a real shape
+
+
+def _comparable(config: InjectConfig) -> InjectConfig:
+    """The config without its kernel choice: the kernel changes speed, not the parameters."""
+    return dataclasses.replace(config, kernel=Kernel.AUTO)
+
+
+def _show(config: InjectConfig) -> str:
+    return json.dumps(config.to_dict(), sort_keys=True)
