@@ -125,9 +125,9 @@ def test_round_trip_is_exact_for_any_width(method, d_bottle):
 def test_file_holds_exactly_the_delta_and_the_metadata(saved_bapat):
     path, trained = saved_bapat
     raw = path.read_bytes()
-    assert raw[:1] != b"\x80"  # no pickle protocol header
-    (n,) = struct.unpack("<Q", raw[:8])
+    (n,) = struct.unpack("<Q", raw[:8])  # safetensors: u64 header length, JSON header, raw bytes
     header = json.loads(raw[8 : 8 + n])
+    assert 8 + n + sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__") == len(raw)
     meta = header.pop("__metadata__")
     record = get_record(trained)
     assert set(header) == set(record.delta_names)

@@ -28,7 +28,7 @@ HEAD = {"head.weight", "head.bias"}
 
 def expected_trainable(method: str, base: set[str]) -> set[str]:
     patt = _names("blocks.{}.attn.vpetl_patt", PATT_LEAVES)
-    adapter = _names("blocks.{}.mlp.vpetl_adapter", PATT_LEAVES)
+    adapter = _names("blocks.{}.vpetl_adapter", PATT_LEAVES)
     lora = _names("blocks.{}.attn.vpetl_lora", ["q.down.weight", "q.up.weight", "v.down.weight", "v.up.weight"])
     return {
         "patt": patt | HEAD,

@@ -262,6 +262,7 @@ def uncalled_branches(model: nn.Module, log: set[int]) -> list[str]:
 def verify(model: nn.Module, example_input: Any) -> None:
     """Run one forward (no grad) and raise if any branch was not called."""
     args = example_input if isinstance(example_input, tuple) else (example_input,)
+    _require_record(model).remove_hooks(model)  # this check replaces the pending first-forward one
     with torch.no_grad(), record_calls(model) as log:
         model(*args)
     _raise_if_uncalled(model, log)

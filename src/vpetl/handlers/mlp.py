@@ -1,11 +1,11 @@
 """The adapter's place: beside every transformer block's MLP, reading the MLP's input.
 
-The MLP module keeps its keys and Parameters; its class is swapped for a cached subclass
-whose forward is ``mlp(x) + s * adapter(x)`` (Eq. 7, first line: ``x`` is ``LN(Z^)``, the
-MLP's input, the placement that suits pre- and post-norm blocks alike). ``vpetl.unload``
-swaps the class back.
+The adapter is registered on the block (``blocks.0.vpetl_adapter.*``), not inside the MLP, so
+an ``nn.Sequential`` MLP (torchvision) keeps its length and indexing. The MLP keeps its keys
+and Parameters; its class is swapped for a cached subclass whose forward is
+``mlp(x) + s * adapter(x)`` (Eq. 7, first line: ``x`` is ``LN(Z^)``, the MLP's input, the
+placement that suits pre- and post-norm blocks alike). ``vpetl.unload`` swaps the class back.
 """
-
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -22,11 +22,12 @@ _ADAPTED_CLASSES: dict[type, type] = {}
 
 
 def adapted_class(cls: type) -> type:
-    """``cls`` with forward ``cls.forward(x, ...) + self.vpetl_adapter(x)`` (made once per class)."""
+    """``cls`` with forward ``cls.forward(x, ...) + adapter(x)`` (made once per class); the
+    adapter is reached through the plain attribute ``_vpetl_adapter = (adapter,)``."""
     if cls not in _ADAPTED_CLASSES:
 
         def forward(self, x, *args, **kwargs):
-            return self.vpetl_adapter.add_to(cls.forward(self, x, *args, **kwargs), x)
+            return self._vpetl_adapter[0].add_to(cls.forward(self, x, *args, **kwargs), x)
 
         _ADAPTED_CLASSES[cls] = type(f"Adapted{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
     return _ADAPTED_CLASSES[cls]
@@ -49,7 +50,8 @@ def mlp_widths(mlp: nn.Module) -> tuple[int, int]:
 
 @dataclass
 class MlpSite:
-    """Where one block's adapter goes: ``module`` at ``path`` reads ``d_in``, writes ``d_out``."""
+    """Where one block's adapter goes: it is registered on ``module`` (at ``path``) as
+    ``vpetl_adapter``, reads the MLP input (width ``d_in``) and adds to its output (``d_out``)."""
 
     path: str
     module: nn.Module
@@ -57,10 +59,20 @@ class MlpSite:
     d_out: int
 
     def wire(self, adapter: AdapterBranch, record: InjectionRecord) -> None:
-        """Register ``adapter`` as ``<path>.vpetl_adapter`` and make forward add it (class swap).
-        Subclasses place it differently (e.g. a layer whose MLP is inline in its forward)."""
+        """Register ``adapter`` as ``<path>.vpetl_adapter`` and make forward add it."""
+        raise NotImplementedError
+
+
+@dataclass
+class ChildMlpSite(MlpSite):
+    """A block (``module``) with an MLP child ``mlp``: the MLP's class is swapped."""
+
+    mlp: nn.Module = None
+
+    def wire(self, adapter: AdapterBranch, record: InjectionRecord) -> None:
         record.add_module(self.module, "vpetl_adapter", adapter)
-        record.swap_class(self.module, adapted_class(type(self.module)))
+        record.set_attr(self.mlp, "_vpetl_adapter", (adapter,))
+        record.swap_class(self.mlp, adapted_class(type(self.mlp)))
 
 
 MlpLocator = Callable[[nn.Module, str], "MlpSite | None"]
@@ -73,7 +85,7 @@ def locate_child_mlp(block: nn.Module, block_path: str) -> MlpSite | None:
         return None
     mlp = block._modules[name]
     d_in, d_out = mlp_widths(mlp)
-    return MlpSite(_join(block_path, name), mlp, d_in, d_out)
+    return ChildMlpSite(block_path, block, d_in, d_out, mlp=mlp)
 
 
 # Tried in order on each ancestor block; other handler modules append their own

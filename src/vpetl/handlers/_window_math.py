@@ -1,0 +1,175 @@
+"""Shifted-window multi-head self-attention, written out for any number of spatial axes.
+
+This is the math of Swin (2D) and Video Swin (3D) window attention, with the q/k/v
+projection done by :func:`vpetl.projection.project` so side branches add into K/V (or
+whichever positions they cover) *before* q-scaling, the position bias and the softmax.
+
+Shapes (``n`` spatial axes, ``n`` = 2 for images, 3 for video):
+
+* input ``x``: ``(B, S_1, ..., S_n, C)`` channels-last tokens;
+* window ``w = (w_1, ..., w_n)``, shift ``s = (s_1, ..., s_n)`` (already adjusted to the input);
+* padded sizes ``P_i = ceil(S_i / w_i) * w_i``; ``nW = prod(P_i / w_i)`` windows per sample,
+  ``N = prod(w_i)`` tokens per window, ``H`` heads of width ``hd = C / H``.
+
+The computation, for the ``B * nW`` windows ``X`` of ``N`` tokens each::
+
+    x   <- zero-pad to P, then roll by -s (cyclic shift), then partition: X (B*nW, N, C)
+    Q, K, V = split(X W_qkv^T + b_qkv + branches(X))          # each (B*nW, H, N, hd)
+    A   = Q K^T / sqrt(hd)                       (dot-product, Swin v1 / Video Swin)
+        = cos(Q, K) * exp(min(tau, log 100))     (cosine, SwinV2; tau = logit_scale per head)
+    A  <- A + R + M        R: relative-position bias (1, H, N, N); M: shift mask (nW, N, N)
+    Y   = dropout(softmax(A)) V -> (B*nW, N, C) -> proj -> dropout
+    y   <- reverse partition, roll by +s, crop to S
+
+``M[w, i, j] = -100`` when tokens ``i`` and ``j`` of window ``w`` came from different
+regions before the cyclic shift (they are not neighbours in the image), else 0. A shifted
+axis of padded length ``P`` has three regions, ``[0, P-w)``, ``[P-w, P-s)`` and ``[P-s, P)``;
+an axis that is not shifted has one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..branches import ProjectionBranch
+from ..projection import SlotLayout, project
+
+QKV_LAYOUT = SlotLayout("qkv")
+MASK_VALUE = -100.0  # what the Swin papers' code uses (a finite "minus infinity")
+
+
+def pad_to_windows(x: Tensor, window: Sequence[int]) -> Tensor:
+    """Zero-pad the spatial axes of ``x`` ``(B, S_1..S_n, C)`` at the end up to multiples of ``window``."""
+    n = len(window)
+    pads: list[int] = [0, 0]  # F.pad lists pairs from the last axis backwards; channels unpadded
+    for i in reversed(range(n)):
+        size = x.shape[1 + i]
+        pads += [0, (window[i] - size % window[i]) % window[i]]
+    if not any(pads):
+        return x
+    return F.pad(x, pads)
+
+
+def partition(x: Tensor, window: Sequence[int]) -> Tensor:
+    """``(B, P_1..P_n, C)`` -> ``(B * nW, N, C)``; windows in raster order, tokens raster
+    order within each window (the order the relative-position index assumes)."""
+    n, batch, channels = len(window), x.shape[0], x.shape[-1]
+    grid = [x.shape[1 + i] // window[i] for i in range(n)]
+    split: list[int] = [batch]
+    for g, w in zip(grid, window):
+        split += [g, w]
+    x = x.reshape(*split, channels)
+    # (B, g1, w1, g2, w2, ..., C) -> (B, g1, g2, ..., w1, w2, ..., C)
+    order = [0] + [1 + 2 * i for i in range(n)] + [2 + 2 * i for i in range(n)] + [1 + 2 * n]
+    return x.permute(order).reshape(batch * math.prod(grid), math.prod(window), channels)
+
+
+def unpartition(windows: Tensor, window: Sequence[int], padded: Sequence[int], batch: int) -> Tensor:
+    """Inverse of :func:`partition`: ``(B * nW, N, C)`` -> ``(B, P_1..P_n, C)``."""
+    n, channels = len(window), windows.shape[-1]
+    grid = [p // w for p, w in zip(padded, window)]
+    x = windows.reshape(batch, *grid, *window, channels)
+    # (B, g1, g2, ..., w1, w2, ..., C) -> (B, g1, w1, g2, w2, ..., C)
+    order = [0]
+    for i in range(n):
+        order += [1 + i, 1 + n + i]
+    order.append(1 + 2 * n)
+    return x.permute(order).reshape(batch, *padded, channels)
+
+
+def region_labels(padded: Sequence[int], window: Sequence[int], shift: Sequence[int], device) -> Tensor:
+    """Integer label per padded position ``(P_1..P_n)``: which region of the unshifted map a
+    token of the rolled map came from. Equal labels <=> the tokens may attend to each other."""
+    labels = torch.zeros((), dtype=torch.long, device=device)
+    for i, (p, w, s) in enumerate(zip(padded, window, shift)):
+        pos = torch.arange(p, device=device)
+        if s > 0:  # regions [0, P-w) -> 0, [P-w, P-s) -> 1, [P-s, P) -> 2 (later ones win)
+            axis = torch.where(pos >= p - s, 2, torch.where(pos >= p - w, 1, 0))
+        else:
+            axis = torch.zeros_like(pos)
+        shape = [1] * len(padded)
+        shape[i] = p
+        labels = labels * 3 + axis.view(shape)
+    return labels
+
+
+def shift_mask(padded: Sequence[int], window: Sequence[int], shift: Sequence[int], like: Tensor) -> Tensor:
+    """The additive mask ``M`` ``(nW, N, N)`` (dtype/device of ``like``): ``-100`` between
+    tokens of different regions, 0 within one."""
+    labels = region_labels(padded, window, shift, like.device)
+    labels = partition(labels[None, ..., None], window).squeeze(-1)  # (nW, N)
+    different = labels[:, :, None] != labels[:, None, :]
+    return torch.zeros(different.shape, dtype=like.dtype, device=like.device).masked_fill_(different, MASK_VALUE)
+
+
+def window_attention(
+    x: Tensor,
+    *,
+    qkv_weight: Tensor,
+    qkv_bias: Tensor | None,
+    proj: nn.Module,
+    relative_position_bias: Tensor,
+    window: Sequence[int],
+    shift: Sequence[int],
+    num_heads: int,
+    branches: Sequence[ProjectionBranch] = (),
+    logit_scale: Tensor | None = None,
+    attention_dropout: float = 0.0,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> Tensor:
+    """Shifted-window attention of ``x`` ``(B, S_1..S_n, C)`` -> same shape (module docstring).
+
+    Args:
+        qkv_weight, qkv_bias: the frozen fused projection, ``(3C, C)`` and ``(3C,)``, rows in
+            q, k, v order. Side ``branches`` add into its output slots (``SlotLayout("qkv")``).
+        proj: the output projection, called as a module.
+        relative_position_bias: ``R``, broadcastable to ``(B*nW, H, N, N)`` (usually ``(1, H, N, N)``).
+        window, shift: per spatial axis, already adjusted to the input (a shift of 0 = no shift).
+        logit_scale: ``tau`` ``(H, 1, 1)`` for cosine attention (SwinV2); None for dot-product.
+    """
+    batch, sizes, channels = x.shape[0], tuple(x.shape[1:-1]), x.shape[-1]
+    if len(sizes) != len(window):
+        raise ValueError(
+            f"window attention with a {len(window)}-axis window expects input (B, {len(window)} spatial axes, C); "
+            f"got shape {tuple(x.shape)}."
+        )
+    shifted = any(s > 0 for s in shift)
+    x = pad_to_windows(x, window)
+    padded = tuple(x.shape[1:-1])
+    axes = tuple(range(1, 1 + len(window)))
+    if shifted:
+        x = torch.roll(x, shifts=tuple(-s for s in shift), dims=axes)
+    windows = partition(x, window)  # (B*nW, N, C)
+    count, tokens = windows.shape[0], windows.shape[1]
+    head_dim = channels // num_heads
+
+    qkv = project(windows, qkv_weight, qkv_bias, QKV_LAYOUT, list(branches))  # (B*nW, N, 3C)
+    q, k, v = qkv.view(count, tokens, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    if logit_scale is None:
+        attn = (q * head_dim**-0.5) @ k.transpose(-2, -1)
+    else:
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
+    attn = attn + relative_position_bias
+    if shifted:
+        mask = shift_mask(padded, window, shift, attn)  # (nW, N, N)
+        per_sample = count // batch
+        attn = (attn.view(batch, per_sample, num_heads, tokens, tokens) + mask[None, :, None]).view(
+            count, num_heads, tokens, tokens
+        )
+    attn = F.dropout(F.softmax(attn, dim=-1), p=attention_dropout, training=training)
+
+    out = (attn @ v).transpose(1, 2).reshape(count, tokens, channels)
+    out = F.dropout(proj(out), p=dropout, training=training)
+
+    out = unpartition(out, window, padded, batch)
+    if shifted:
+        out = torch.roll(out, shifts=tuple(shift), dims=axes)
+    crop = (slice(None),) + tuple(slice(0, s) for s in sizes)
+    return out[crop].contiguous()
