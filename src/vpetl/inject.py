@@ -121,8 +121,8 @@ def find_attention(model: nn.Module) -> tuple[list[AttentionSite], list[tuple[st
     sites: list[AttentionSite] = []
     suspects: list[tuple[str, nn.Module]] = []
     for path, module in model.named_modules():
-        if any(path.startswith(s.path + ".") for s in sites):
-            continue
+        if any(s.path == "" or path.startswith(s.path + ".") for s in sites):
+            continue  # inside a site already claimed (the root itself may be one)
         handler = next((h for h in HANDLERS if h.match(module)), None)
         if handler is not None:
             sites.append(AttentionSite(path, module, handler))
@@ -165,7 +165,10 @@ def _add_branches(model: nn.Module, config: InjectConfig, record: InjectionRecor
 
 
 def _add_projection_branches(site: AttentionSite, config: InjectConfig, record: InjectionRecord) -> None:
-    spec = site.handler.spec(site.module)
+    try:
+        spec = site.handler.spec(site.module)
+    except InjectionError as error:
+        raise InjectionError(f"{site.path or '<root>'}: {error}") from error
     branches = []
     for cfg, name in ((config.patt, "vpetl_patt"), (config.lora, "vpetl_lora")):
         if cfg is None:

@@ -1,20 +1,410 @@
-"""Shape (c): nn.MultiheadAttention (torchvision ViT, nn.TransformerEncoderLayer). [in progress]"""
+"""Shape (c): ``nn.MultiheadAttention`` (torchvision ViT's ``EncoderBlock``) and
+``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` / ``nn.TransformerDecoderLayer``.
+
+``nn.MultiheadAttention`` never calls a projection module: its forward reads
+``in_proj_weight`` (``(3E, E)``, rows ``[W_q; W_k; W_v]``) and ``in_proj_bias`` itself, and
+``out_proj`` is only a holder for a weight. In eval mode with a frozen base it takes a
+native kernel (``torch._native_multi_head_attention``). So the module keeps its Parameters
+(every key stays: ``in_proj_weight``, ``in_proj_bias``, ``out_proj.*``) and its class is
+swapped for :class:`VpetlMultiheadAttention`, whose forward always runs in Python:
+
+    [Q | K | V] = x W_in^T + b_in  (+ branches)      x: (N, L, E) or (L, N, E) or (L, E)
+    PATT  (kv):  h = tanh(x W_down^T + b_down)                    (..., r)
+                 K += s (h W_up[k]^T + b_up[k]),  V += s (h W_up[v]^T + b_up[v])
+    LoRA  (qv):  Q += scale x A_q^T B_q^T,        V += scale x A_v^T B_v^T
+    heads:       Q, K, V -> (N, H, L|S, E/H)
+    attention:   A = softmax(Q K^T / sqrt(E/H) + M),  O = dropout(A) V     (N, H, L, E/H)
+    output:      out_proj(concat_heads(O))                                 same layout as x
+
+``M`` merges ``attn_mask`` (``(L, S)`` or ``(N*H, L, S)``) and ``key_padding_mask``
+(``(N, S)``); bool masks mean ``True`` = masked out (``-inf``), float masks are added.
+``is_causal``, ``batch_first``, unbatched input, ``dropout`` (training only),
+``need_weights`` / ``average_attn_weights``, ``add_bias_kv`` and ``add_zero_attn`` behave as in
+``nn.MultiheadAttention``. With ``need_weights=False`` the attention runs in
+``F.scaled_dot_product_attention``; with ``need_weights=True`` it is computed explicitly so the
+weights ``A`` can be returned (averaged over heads ``(N, L, S)``, or per head ``(N, H, L, S)``).
+``out_proj`` *is* called as a module here (the original only reads its weight), so hooks on it
+now fire. Not supported: ``kdim``/``vdim`` different from ``embed_dim`` (separate
+``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` of different input widths; one PATT
+down-projection cannot read all of them) -- :class:`~vpetl.errors.InjectionError`.
+
+Self-attention (``query is key is value``) is one projection with slots ``qkv``. For
+cross-attention each distinct input is projected with its rows of ``in_proj_weight`` (``q``
+alone, and ``kv`` fused when ``key is value``), so branches still add into K and V, and PATT's
+``h`` is computed from the input that feeds K and V (the memory), as Eq. 9 reads.
+
+``nn.TransformerEncoderLayer`` has its own fast path (``torch._transformer_encoder_layer_fwd``,
+eval mode and no grad or a frozen base) that never calls ``self_attn.forward``, so branches
+would silently be skipped. The handler therefore claims the *layer* as the attention site
+(its branches are named ``<layer>.vpetl_patt``) and swaps the layer's class for
+:class:`VpetlTransformerEncoderLayer`, whose forward always takes the regular path
+(``norm_first`` or post-norm, activation, dropouts, ``src_mask``, ``src_key_padding_mask``,
+``is_causal``). The adapter (Eq. 6-7) reads the feed-forward input ``y`` and is added to its
+output: ``x + ff(y) + s * up(relu(down(y)))``, ``y = norm2(x)`` when ``norm_first``, else
+``y = x`` and the sum goes through ``norm2`` as usual. One subclass serves both PATT and the
+adapter; its ``_ff_block`` adds ``vpetl_adapter`` when the layer has one, and the class is
+swapped once, by whichever of the two is wired first.
+
+``nn.TransformerEncoder`` has a second fast path: in eval mode with a ``src_key_padding_mask``
+it turns its input into a *nested tensor* and hands that to every layer. The walker only ever
+sees the layer, not the encoder, so instead of patching the encoder (``use_nested_tensor``),
+the adapted layer accepts nested input itself: it pads it (``key_padding_mask`` marks the
+padding), runs the regular path, and returns a nested tensor of the original lengths. The
+encoder then pads the result with zeros exactly as its fast path does, so outputs match the
+original, and a user who feeds nested tensors to a layer directly is covered as well. The
+cost is computing the padding positions that the fused kernel would skip.
+
+``nn.TransformerDecoderLayer`` has no fast path; its two attentions are plain
+``nn.MultiheadAttention`` sites, and the adapter is placed the same way (beside ``_ff_block``).
+"""
 
 from __future__ import annotations
 
-from torch import nn
+from dataclasses import dataclass
 
-from .base import AttentionHandler
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..branches import AdapterBranch, PattBranch, ProjectionBranch
+from ..errors import InjectionError
+from ..projection import SlotLayout, project
+from ..record import InjectionRecord
+from ._attention_math import additive_mask, attend, causal_mask, merge_masks, renest, unnest
+from .base import AttentionHandler, ProjectionSpec
+from .mlp import MLP_LOCATORS, MlpSite
+
+BRANCHES_ATTR = "_vpetl_branches"  # plain attribute (no state-dict keys) on the adapted attention
+LETTERS = "qkv"
+
+
+# --------------------------------------------------------------------------- attention
+
+
+class _BranchedAttention:
+    """Forward of ``nn.MultiheadAttention`` with branches added into Q/K/V (see module docs)."""
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        if query.is_nested or key.is_nested or value.is_nested:
+            return self._nested_forward(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
+        batched = query.dim() == 3
+        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(
+                f"{type(self).__name__} expects query, key and value all 3D (batched) or all 2D (unbatched); "
+                f"got {query.dim()}D, {key.dim()}D, {value.dim()}D."
+            )
+        q, k, v = (self._split_heads(t, batched) for t in self._project_qkv(query, key, value))
+        batch, heads, length, source_length = q.shape[0], self.num_heads, q.shape[2], k.shape[2]
+
+        padding = additive_mask(key_padding_mask, q.dtype)
+        if padding is not None and not batched:
+            padding = padding.unsqueeze(0)
+        mask = additive_mask(attn_mask, q.dtype)
+        # As nn.MultiheadAttention: the is_causal hint replaces the mask only when SDPA can
+        # apply it alone (no padding mask, no weights wanted); otherwise the mask is used.
+        sdpa_causal = is_causal and padding is None and not need_weights
+        if sdpa_causal:
+            mask = None
+        elif is_causal and mask is None:
+            mask = causal_mask(length, source_length, q.dtype, q.device)
+
+        k, v, extra = self._extra_keys(k, v)
+        if extra:
+            mask = None if mask is None else _pad_last(mask, extra)
+            padding = None if padding is None else _pad_last(padding, extra)
+            source_length += extra
+        merged = merge_masks(mask, padding, batch, heads, length, source_length)
+        out, weights = attend(
+            q, k, v, merged,
+            is_causal=sdpa_causal,
+            need_weights=need_weights,
+            average_attn_weights=average_attn_weights,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        # (L, N, E) rows in memory, as the stock module: dropout after it draws the same masks.
+        out = self.out_proj(out.permute(2, 0, 1, 3).reshape(length, batch, self.embed_dim))
+        if not batched:
+            return out.squeeze(1), (None if weights is None else weights.squeeze(0))
+        return (out.transpose(0, 1) if self.batch_first else out), weights
+
+    def _project_qkv(self, query: Tensor, key: Tensor, value: Tensor) -> list[Tensor]:
+        """Q, K, V ``(..., E)`` in the inputs' layout; each *distinct* input tensor is projected
+        once, with the rows of ``in_proj_weight`` of the consecutive letters it feeds."""
+        groups: list[tuple[Tensor, str]] = []
+        for letter, tensor in zip(LETTERS, (query, key, value)):
+            if groups and groups[-1][0] is tensor:
+                groups[-1] = (tensor, groups[-1][1] + letter)
+            else:
+                groups.append((tensor, letter))
+        branches: tuple[ProjectionBranch, ...] = getattr(self, BRANCHES_ATTR, ())
+        width = self.embed_dim
+        outputs: list[Tensor] = []
+        for tensor, letters in groups:
+            if tensor.shape[-1] != width:
+                raise ValueError(
+                    f"{type(self).__name__} expects inputs of width embed_dim={width}; the input feeding "
+                    f"{letters!r} has width {tensor.shape[-1]}."
+                )
+            rows = slice(LETTERS.index(letters[0]) * width, (LETTERS.index(letters[-1]) + 1) * width)
+            weight = self.in_proj_weight if len(letters) == 3 else self.in_proj_weight[rows]
+            bias = self.in_proj_bias
+            if bias is not None and len(letters) < 3:
+                bias = bias[rows]
+            users = [b for b in branches if set(b.positions) & set(letters)]
+            projected = project(tensor, weight, bias, SlotLayout(letters), users)
+            outputs.extend(projected.split(width, dim=-1))
+        return outputs
+
+    def _split_heads(self, t: Tensor, batched: bool) -> Tensor:
+        """``(N, T, E)`` / ``(T, N, E)`` / ``(T, E)`` -> ``(N, H, T, E/H)`` (a view where possible)."""
+        if not batched:
+            t = t.unsqueeze(0)
+        elif not self.batch_first:
+            t = t.transpose(0, 1)
+        return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def _extra_keys(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, int]:
+        """Append the learned ``bias_k``/``bias_v`` token (``add_bias_kv``) and then a zero
+        token (``add_zero_attn``) to K and V ``(N, H, S, E/H)``; returns how many were added."""
+        extra = 0
+        if self.bias_k is not None and self.bias_v is not None:
+            shape = (1, self.num_heads, 1, self.head_dim)
+            k = _cat_token(k, self.bias_k.reshape(shape).to(k.dtype))
+            v = _cat_token(v, self.bias_v.reshape(shape).to(v.dtype))
+            extra += 1
+        if self.add_zero_attn:
+            k, v = _cat_token(k, k.new_zeros(())), _cat_token(v, v.new_zeros(()))
+            extra += 1
+        return k, v, extra
+
+    def extra_repr(self) -> str:
+        kinds = ", ".join(b.kind for b in getattr(self, BRANCHES_ATTR, ()))
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, branches=[{kinds}]"
+
+    def _nested_forward(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal):
+        """Nested self-attention input (what the native fast path accepts): pad, attend with a
+        padding mask, return a nested output of the same lengths."""
+        if not (query is key and key is value) or key_padding_mask is not None or attn_mask is not None:
+            raise ValueError(
+                f"{type(self).__name__} accepts a nested tensor only for self-attention (query is key is "
+                "value) without masks, as nn.MultiheadAttention's fast path does; pad the input and pass "
+                "key_padding_mask instead."
+            )
+        if need_weights or not self.batch_first:
+            raise ValueError(
+                f"{type(self).__name__} with a nested input needs batch_first=True and need_weights=False "
+                f"(got batch_first={self.batch_first}, need_weights={need_weights})."
+            )
+        padded, padding, lengths = unnest(query)
+        out, _ = self.forward(padded, padded, padded, key_padding_mask=padding, need_weights=False, is_causal=is_causal)
+        return renest(out, lengths), None
+
+
+def _cat_token(t: Tensor, token: Tensor) -> Tensor:
+    """``t`` ``(N, H, S, d)`` with one more key position ``token`` (broadcast to ``(N, H, 1, d)``)."""
+    return torch.cat([t, token.expand(t.shape[0], t.shape[1], 1, t.shape[3])], dim=2)
+
+
+def _pad_last(mask: Tensor, count: int) -> Tensor:
+    """An additive mask with ``count`` zero (= allowed) columns appended on the key axis."""
+    return F.pad(mask, (0, count))
+
+
+class VpetlMultiheadAttention(_BranchedAttention, nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` whose forward adds vpetl branches into Q/K/V (same keys)."""
+
+
+_ATTENTION_CLASSES: dict[type, type] = {nn.MultiheadAttention: VpetlMultiheadAttention}
+
+
+def attention_class(cls: type) -> type:
+    """The adapted class for ``cls`` (``nn.MultiheadAttention`` or a subclass keeping its forward)."""
+    if issubclass(cls, _BranchedAttention):
+        return cls
+    if cls not in _ATTENTION_CLASSES:
+        _ATTENTION_CLASSES[cls] = type(f"Vpetl{cls.__name__}", (_BranchedAttention, cls), {"__module__": __name__})
+    return _ATTENTION_CLASSES[cls]
+
+
+def plain_attention(module: nn.Module | None) -> bool:
+    """True for an ``nn.MultiheadAttention`` whose forward is the stock one."""
+    return isinstance(module, nn.MultiheadAttention) and type(module).forward is nn.MultiheadAttention.forward
+
+
+def check_supported(attn: nn.MultiheadAttention) -> None:
+    """Raise :class:`InjectionError` for options the adapted forward cannot reproduce."""
+    if not attn._qkv_same_embed_dim:
+        raise InjectionError(
+            f"{type(attn).__name__}(embed_dim={attn.embed_dim}, kdim={attn.kdim}, vdim={attn.vdim}) has "
+            "separate q/k/v projection weights of different input widths (kdim/vdim != embed_dim); PATT and "
+            "LoRA need one input width for q, k and v, so vpetl cannot adapt it. Build it with "
+            "kdim=vdim=embed_dim, or use method='adapter' (MLP adapters only)."
+        )
+
+
+# --------------------------------------------------------------------------- layers
+
+
+class _AdaptedFeedForward:
+    """``_ff_block(y) + vpetl_adapter(y)`` when the layer has an adapter (Eq. 7, parallel)."""
+
+    def _ff_block(self, x: Tensor) -> Tensor:
+        out = super()._ff_block(x)
+        adapter = self._modules.get("vpetl_adapter")
+        return out if adapter is None else adapter.add_to(out, x)
+
+
+class _RegularPathEncoderLayer:
+    """``nn.TransformerEncoderLayer.forward`` without its fused fast path (see module docs)::
+
+        norm_first:  x = x + sa(norm1(x));  x = x + ff(norm2(x))
+        post-norm:   x = norm1(x + sa(x));  x = norm2(x + ff(x))
+
+    with ``sa`` = dropout1(self_attn(x, x, x)) and ``ff`` = dropout2(linear2(dropout(act(linear1(.))))).
+    A nested input is padded, run, and returned nested (``nn.TransformerEncoder``'s fast path).
+    """
+
+    def forward(
+        self,
+        src: Tensor,
+        src_mask: Tensor | None = None,
+        src_key_padding_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> Tensor:
+        if src.is_nested:
+            if src_mask is not None or src_key_padding_mask is not None:
+                raise ValueError(
+                    f"{type(self).__name__} got a nested tensor and a mask; pass either a padded tensor with "
+                    "src_key_padding_mask, or a nested tensor without masks."
+                )
+            padded, padding, lengths = unnest(src)
+            return renest(self.forward(padded, None, padding, is_causal), lengths)
+        # Same canonical (additive float) masks the stock layer hands its attention.
+        src_key_padding_mask = additive_mask(src_key_padding_mask, src.dtype)
+        src_mask = additive_mask(src_mask, src.dtype)
+        x = src
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+            x = x + self._ff_block(self.norm2(x))
+        else:
+            x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
+            x = self.norm2(x + self._ff_block(x))
+        return x
+
+
+class VpetlTransformerEncoderLayer(_RegularPathEncoderLayer, _AdaptedFeedForward, nn.TransformerEncoderLayer):
+    """``nn.TransformerEncoderLayer`` that always runs its regular path and may hold an adapter."""
+
+
+class VpetlTransformerDecoderLayer(_AdaptedFeedForward, nn.TransformerDecoderLayer):
+    """``nn.TransformerDecoderLayer`` whose feed-forward may hold an adapter."""
+
+
+_LAYER_CLASSES: dict[type, type] = {
+    nn.TransformerEncoderLayer: VpetlTransformerEncoderLayer,
+    nn.TransformerDecoderLayer: VpetlTransformerDecoderLayer,
+}
+
+
+def layer_class(cls: type) -> type:
+    """The adapted class for an encoder/decoder layer class. An encoder layer that keeps the
+    stock forward also loses its fast path; a subclass with its own forward keeps it."""
+    if issubclass(cls, _AdaptedFeedForward):
+        return cls
+    if cls not in _LAYER_CLASSES:
+        bases: tuple[type, ...] = (_AdaptedFeedForward, cls)
+        if issubclass(cls, nn.TransformerEncoderLayer) and cls.forward is nn.TransformerEncoderLayer.forward:
+            bases = (_RegularPathEncoderLayer,) + bases
+        _LAYER_CLASSES[cls] = type(f"Vpetl{cls.__name__}", bases, {"__module__": __name__})
+    return _LAYER_CLASSES[cls]
+
+
+def _ensure_layer_class(layer: nn.Module, record: InjectionRecord) -> None:
+    """Swap ``layer``'s class once, whether PATT or the adapter is wired first."""
+    if not isinstance(layer, _AdaptedFeedForward):
+        record.swap_class(layer, layer_class(type(layer)))
+
+
+@dataclass
+class LayerFeedForwardSite(MlpSite):
+    """The inline feed-forward (linear1 -> activation -> dropout -> linear2) of an
+    ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``: the adapter is registered
+    on the layer as ``vpetl_adapter`` and added by the layer's ``_ff_block``."""
+
+    def wire(self, adapter: AdapterBranch, record: InjectionRecord) -> None:
+        record.add_module(self.module, "vpetl_adapter", adapter)
+        _ensure_layer_class(self.module, record)
+
+
+def locate_layer_feedforward(block: nn.Module, block_path: str) -> MlpSite | None:
+    """An ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer`` block (MLP locator)."""
+    if not isinstance(block, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return None
+    linear1, linear2 = block._modules.get("linear1"), block._modules.get("linear2")
+    if not (isinstance(linear1, nn.Linear) and isinstance(linear2, nn.Linear)):
+        return None
+    return LayerFeedForwardSite(block_path, block, linear1.in_features, linear2.out_features)
+
+
+MLP_LOCATORS.append(locate_layer_feedforward)
+
+
+# --------------------------------------------------------------------------- handler
+
+
+def _attention_of(module: nn.Module) -> nn.MultiheadAttention:
+    return module.self_attn if isinstance(module, nn.TransformerEncoderLayer) else module
 
 
 class MultiheadAttentionHandler(AttentionHandler):
+    """``nn.MultiheadAttention`` sites, and ``nn.TransformerEncoderLayer`` as a whole (its fast
+    path would skip the attention's forward; the walker does not descend into a matched site)."""
+
     name = "multihead-attention"
 
     def match(self, module: nn.Module) -> bool:
-        return False
+        if isinstance(module, nn.TransformerEncoderLayer):
+            return type(module).forward is nn.TransformerEncoderLayer.forward and plain_attention(
+                module._modules.get("self_attn")
+            )
+        return plain_attention(module)
 
-    def spec(self, module):  # pragma: no cover - placeholder
-        raise NotImplementedError
+    def spec(self, module: nn.Module) -> ProjectionSpec:
+        attn = _attention_of(module)
+        check_supported(attn)
+        width = attn.embed_dim
+        weight = attn.in_proj_weight
+        return ProjectionSpec(
+            d_in=width,
+            widths={c: width for c in LETTERS},
+            bias=attn.in_proj_bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
 
-    def wire(self, module, branches, record):  # pragma: no cover - placeholder
-        raise NotImplementedError
+    def wire(self, module: nn.Module, branches: list[ProjectionBranch], record: InjectionRecord) -> None:
+        attn = _attention_of(module)
+        check_supported(attn)
+        for branch in branches:
+            if isinstance(branch, PattBranch):
+                branch.set_consumers(1)  # each projection call reads its own input's h
+        record.swap_class(attn, attention_class(type(attn)))
+        record.set_attr(attn, BRANCHES_ATTR, tuple(branches))
+        if module is not attn:
+            _ensure_layer_class(module, record)
+
+    def weight_rows(self, module: nn.Module, letter: str) -> Tensor:
+        """Rows ``[i*E, (i+1)*E)`` of ``in_proj_weight`` (a view, ``(E, E)``) for letter ``i``
+        of "qkv"; ``vpetl.merge`` folds LoRA into them in place."""
+        attn = _attention_of(module)
+        return SlotLayout(LETTERS).rows(attn.in_proj_weight, letter)
