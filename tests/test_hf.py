@@ -94,10 +94,10 @@ def test_verify_and_structure(name):
     assert sum(p.endswith("vpetl_patt") for p in branches) == LAYERS
     assert sum(p.endswith("vpetl_adapter") for p in branches) == LAYERS
     assert get_record(model).head_paths == ("classifier",)
-    if name == "videomae":  # split MLP: the adapter lives on `intermediate`
-        assert "videomae.encoder.layer.0.intermediate.vpetl_adapter.down.weight" in keys
-    else:  # transformers 5.x ViT has an `mlp` child
-        assert "vit.layers.0.mlp.vpetl_adapter.down.weight" in keys
+    # the adapter is registered on the layer (the block), beside its MLP: a split
+    # intermediate/output pair (VideoMAE) or an `mlp` child (transformers 5.x ViT)
+    layer = "videomae.encoder.layer.0" if name == "videomae" else "vit.layers.0"
+    assert f"{layer}.vpetl_adapter.down.weight" in keys
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -194,7 +194,7 @@ def test_split_mlp_adds_adapter_on_mlp_input():
     model, _ = make("videomae")
     vpetl.inject(model, "adapter")
     layer = model.videomae.encoder.layer[0]
-    adapter = layer.intermediate.vpetl_adapter
+    adapter = layer.vpetl_adapter
     with torch.no_grad():
         adapter.up.weight.normal_()
         adapter.up.bias.normal_()
@@ -208,21 +208,25 @@ def test_split_mlp_adds_adapter_on_mlp_input():
 def test_split_mlp_gradient_checkpointing():
     model, x = make("videomae")
     vpetl.inject(model, "bapat", d_bottle=R)
-    model.gradient_checkpointing_enable()
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
     model.train()
+    runs = []
+    model.videomae.encoder.layer[0].intermediate.register_forward_hook(lambda *a: runs.append(1))
     logits(model, x).sum().backward()
+    assert len(runs) == 2  # the layer really re-ran in backward: intermediate/output paired again
     grads = [p.grad for n, p in model.named_parameters() if "vpetl_adapter.up.weight" in n]
     assert len(grads) == LAYERS and all(g is not None and g.abs().sum() > 0 for g in grads)
     assert all(m.__dict__[LINK_ATTR].pending is None for m in model.modules() if LINK_ATTR in m.__dict__)
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_undo_restores_original(name):
+def test_unload_restores_original(name):
     model, x = make(name)
     base = copy.deepcopy(model)
     classes = {n: type(m) for n, m in model.named_modules()}
     vpetl.inject(model, "bapat", d_bottle=R)
-    get_record(model).undo(model)
+    vpetl.unload(model)
     assert {n: type(m) for n, m in model.named_modules()} == classes
     assert not any(LINK_ATTR in m.__dict__ for m in model.modules())
     assert set(model.state_dict()) == set(base.state_dict())
@@ -237,7 +241,61 @@ def test_deepcopy_of_injected_videomae_is_independent():
     layer, cloned = model.videomae.encoder.layer[0], clone.videomae.encoder.layer[0]
     link = cloned.output.__dict__[LINK_ATTR]
     assert link is not layer.output.__dict__[LINK_ATTR]
-    assert link.adapter is cloned.intermediate.vpetl_adapter
+    assert link.adapter is cloned.vpetl_adapter
     with torch.no_grad():
-        cloned.intermediate.vpetl_adapter.up.weight.normal_()
+        cloned.vpetl_adapter.up.weight.normal_()
         assert not torch.allclose(logits(clone, x), logits(model, x), atol=1e-4)
+
+
+def test_delta_round_trip_videomae(tmp_path):
+    """A delta of the split-MLP model loads onto a fresh copy of the same base."""
+    model, x = make("videomae")
+    fresh = copy.deepcopy(model)
+    vpetl.inject(model, "bapat", d_bottle=R)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    path = vpetl.save_delta(model, tmp_path / "videomae.safetensors")
+    vpetl.load_delta(fresh, path)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(fresh, x), logits(model, x), rtol=0, atol=1e-6)
+
+
+def hf_swinv2():  # output(hidden) without the residual argument, post-norm block
+    config = transformers.Swinv2Config(
+        image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4, num_labels=CLASSES
+    )
+    return transformers.Swinv2ForImageClassification(config).eval(), torch.randn(2, 3, 32, 32)
+
+
+def hf_data2vec_vision():  # BEiT-style layer scale around the split MLP
+    config = transformers.Data2VecVisionConfig(
+        image_size=32, patch_size=8, hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=2,
+        intermediate_size=64, num_labels=CLASSES,
+    )
+    return transformers.Data2VecVisionForImageClassification(config).eval(), torch.randn(2, 3, 32, 32)
+
+
+def hf_timesformer():  # two attention modules (space, time) share one split MLP per layer
+    config = transformers.TimesformerConfig(
+        image_size=32, patch_size=8, num_frames=2, hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=2,
+        intermediate_size=64, num_labels=CLASSES,
+    )
+    return transformers.TimesformerForVideoClassification(config).eval(), torch.randn(2, 2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("factory", [hf_swinv2, hf_data2vec_vision, hf_timesformer])
+def test_other_split_mlp_models(factory):
+    torch.manual_seed(0)
+    model, x = factory()
+    base = copy.deepcopy(model)
+    vpetl.inject(model, "bapat", d_bottle=R, zero_init=True, example_input=x)
+    record = get_record(model)
+    adapters = [b for p, b in record.branches.items() if p.endswith("vpetl_adapter")]
+    assert len(adapters) == LAYERS and record.head_paths == ("classifier",)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(model, x), logits(base, x), rtol=0, atol=1e-5)
+        for adapter in adapters:
+            adapter.up.weight.normal_()
+        assert not torch.allclose(logits(model, x), logits(base, x), atol=1e-4)

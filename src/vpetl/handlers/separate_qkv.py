@@ -1,7 +1,9 @@
 """Shape (b): separate q/k/v projection Linears (HF ViT/DeiT/Dinov2/CLIP ``q_proj``/
 ``k_proj``/``v_proj``, HF VideoMAE ``query``/``key``/``value``, timm EVA with unfused
-projections ``q_proj``..., timm CaiT class attention ``q``/``k``/``v``) and the
-``q`` + fused ``kv`` pair (timm PVTv2, Twins, attention pooling).
+projections ``q_proj``..., timm CaiT/XCiT class attention ``q``/``k``/``v``), the ``q`` +
+fused ``kv`` pair (timm PVTv2, Twins, attention pooling) and the fused ``qk`` + ``v`` pair
+(timm ConViT gated positional self-attention). Fused pairs are position-major
+(``[2, H, hd]``), as their timm forwards reshape them.
 
 PATT computes its hidden ``h`` once per input and shares it between the K and V Linears.
 """
@@ -27,6 +29,9 @@ class SeparateQkvHandler(LinearProjections):
         q, kv = children.get("q"), children.get("kv")
         if adoptable(q) and adoptable(kv) and kv.out_features == 2 * q.out_features:
             return [("q", SlotLayout("q")), ("kv", SlotLayout("kv"))]
+        qk, v = children.get("qk"), children.get("v")
+        if adoptable(qk) and adoptable(v) and qk.out_features == 2 * v.out_features:
+            return [("qk", SlotLayout("qk")), ("v", SlotLayout("v"))]
         return None
 
     def match(self, module: nn.Module) -> bool:
