@@ -259,3 +259,33 @@ def test_autocast_bfloat16_forward_and_backward(images):
         out = model(images)
     out.float().sum().backward()
     assert model.blocks[0].attn.vpetl_patt.down.weight.grad is not None
+
+
+class ClassAttention(nn.Module):
+    """CaiT-style: q reads the class token only, k and v read every token (separate Linears)."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q = self.q(x[:, :1])
+        return F.scaled_dot_product_attention(q, self.k(x), self.v(x))
+
+
+def test_patt_hidden_is_shared_by_k_and_v_and_not_kept_after_forward():
+    model = vpetl.inject(nn.Sequential(ClassAttention()), "patt", d_bottle=3, positions="qkv")
+    patt = model[0].vpetl_patt
+    calls = []
+    patt.down.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(2, 5, 8)
+    out = model(x)
+    assert len(calls) == 2  # once for q's input, once shared by k and v
+    assert patt._cache is None  # no activation (nor its graph) outlives the call
+    h = lambda t: torch.tanh(patt.down(t))  # noqa: E731
+    up = lambda t, rows: F.linear(h(t), patt.up.weight[rows], patt.up.bias[rows])  # noqa: E731
+    base = {c: (getattr(model[0], c).weight, getattr(model[0], c).bias) for c in "qkv"}
+    q = F.linear(x[:, :1], *base["q"]) + patt.scale * up(x[:, :1], slice(0, 8))
+    k = F.linear(x, *base["k"]) + patt.scale * up(x, slice(8, 16))
+    v = F.linear(x, *base["v"]) + patt.scale * up(x, slice(16, 24))
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))

@@ -106,24 +106,33 @@ class PattBranch(ProjectionBranch):
             start += widths[c]
         # Separate q/k/v Linears share one hidden h: cache it per input for `consumers` calls.
         self._consumers = consumers
-        self._cache: tuple[Tensor, Tensor, int] | None = None
+        self._cache: tuple[Tensor, Tensor] | None = None
+        self._calls = 0
 
     def set_consumers(self, count: int) -> None:
         """How many projections read ``h`` per forward (1 for a fused qkv, 2 for separate K, V)."""
         self._consumers = max(1, count)
         self._cache = None
+        self._calls = 0
 
     def hidden(self, x: Tensor, x2d: Tensor) -> Tensor:
-        """``h = act(x W_down^T + b_down)``, ``(M, r)``; computed once per input tensor."""
+        """``h = act(x W_down^T + b_down)``, ``(M, r)``; computed once per input tensor.
+
+        With several consumer projections, ``h`` is cached for the next consumer reading the
+        same tensor; the cache is dropped once all consumers of one forward have run, so no
+        activation outlives its attention call (q may read another input than k and v).
+        """
         if self._consumers == 1:
             return ACTIVATIONS[self.activation](self.down(x2d))
         cache = self._cache
         if cache is not None and cache[0] is x:
-            remaining = cache[2] - 1
-            self._cache = (x, cache[1], remaining) if remaining > 0 else None
-            return cache[1]
-        h = ACTIVATIONS[self.activation](self.down(x2d))
-        self._cache = (x, h, self._consumers - 1)
+            h = cache[1]
+        else:
+            h = ACTIVATIONS[self.activation](self.down(x2d))
+            self._cache = (x, h)
+        self._calls += 1
+        if self._calls >= self._consumers:
+            self._calls, self._cache = 0, None
         return h
 
     def add_into_(self, x: Tensor, x2d: Tensor, out: "OutputSlots") -> None:

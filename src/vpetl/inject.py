@@ -24,6 +24,7 @@ from .branches import AdapterBranch, Branch, LoraBranch, PattBranch
 from .config import InjectConfig, Kernel, preset
 from .errors import ConfigError, InjectionError, format_names
 from .handlers import HANDLERS, AttentionHandler
+from .handlers.fused_qkv import unsupported_reason
 from .handlers.mlp import locate_mlp
 from .heads import find_head_paths
 from .projection import BranchedLinear
@@ -136,6 +137,11 @@ def find_attention(model: nn.Module) -> tuple[list[AttentionSite], list[tuple[st
     return sites, unhandled
 
 
+def _why_unhandled(module: nn.Module) -> str:
+    reason = unsupported_reason(module) if "qkv" in module._modules else None
+    return reason or "its q/k/v projections are not nn.Linear modules called in forward"
+
+
 def _looks_like_attention(module: nn.Module) -> bool:
     return bool(PROJECTION_CHILD_NAMES & set(module._modules)) or "in_proj_weight" in module._parameters
 
@@ -143,11 +149,10 @@ def _looks_like_attention(module: nn.Module) -> bool:
 def _add_branches(model: nn.Module, config: InjectConfig, record: InjectionRecord, strict: bool) -> None:
     sites, unhandled = find_attention(model)
     if unhandled:
-        listing = "; ".join(f"{p or '<root>'} ({type(m).__name__})" for p, m in unhandled[:8])
+        listing = "; ".join(f"{p or '<root>'} ({type(m).__name__}): {_why_unhandled(m)}" for p, m in unhandled[:8])
         message = (
-            f"vpetl cannot adapt {len(unhandled)} attention module(s): {listing}. Their projections are "
-            "not nn.Linear modules called in forward. Pass strict=False to adapt the rest and leave "
-            "these frozen, or open an issue with the model name."
+            f"vpetl cannot adapt {len(unhandled)} attention module(s): {listing}. Pass strict=False to "
+            "adapt the rest and leave these frozen, or open an issue with the model name."
         )
         if strict:
             raise InjectionError(message)
@@ -213,7 +218,9 @@ def _add_adapters(
     if missing:
         message = (
             f"found no MLP beside {len(missing)} attention module(s): {', '.join(missing[:8])}; the adapter "
-            "sits beside a block's MLP child named one of mlp/ffn/feed_forward. Pass strict=False to skip them."
+            "sits beside a block's MLP: a child named mlp/ffn/feed_forward made of nn.Linear layers (a "
+            "convolutional MLP does not qualify), or an HF intermediate/output pair. Pass strict=False "
+            "to skip these blocks."
         )
         if strict or not done:
             raise InjectionError(message)
