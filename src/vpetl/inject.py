@@ -31,7 +31,7 @@ from .projection import BranchedLinear
 from .record import InjectionRecord, get_record, set_record
 
 PROJECTION_CHILD_NAMES = frozenset(
-    {"qkv", "kv", "q", "k", "v", "query", "key", "value", "q_proj", "k_proj", "v_proj", "in_proj"}
+    {"qkv", "kv", "q", "k", "v", "query", "key", "value", "q_proj", "k_proj", "v_proj", "in_proj", "wq", "wk", "wv"}
 )
 
 

@@ -1,9 +1,9 @@
 """Shape (b): separate q/k/v projection Linears (HF ViT/DeiT/Dinov2/CLIP ``q_proj``/
-``k_proj``/``v_proj``, HF VideoMAE ``query``/``key``/``value``, timm EVA with unfused
-projections ``q_proj``..., timm CaiT/XCiT class attention ``q``/``k``/``v``), the ``q`` +
-fused ``kv`` pair (timm PVTv2, Twins, attention pooling) and the fused ``qk`` + ``v`` pair
-(timm ConViT gated positional self-attention). Fused pairs are position-major
-(``[2, H, hd]``), as their timm forwards reshape them.
+``k_proj``/``v_proj``, HF VideoMAE ``query``/``key``/``value``, timm CrossViT ``wq``/``wk``/
+``wv``, timm EVA with unfused projections ``q_proj``..., timm CaiT/XCiT class attention
+``q``/``k``/``v``), the ``q`` + fused ``kv`` pair (timm PVTv2, Twins, attention pooling) and
+the fused ``qk`` + ``v`` pair (timm ConViT gated positional self-attention). Fused pairs are
+position-major (``[2, H, hd]``), as their timm forwards reshape them.
 
 PATT computes its hidden ``h`` once per input and shares it between the K and V Linears.
 """
@@ -15,7 +15,7 @@ from torch import nn
 from ..projection import SlotLayout, adoptable
 from .base import LinearProjections
 
-NAME_TRIPLES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"))
+NAME_TRIPLES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"), ("wq", "wk", "wv"))
 
 
 class SeparateQkvHandler(LinearProjections):
