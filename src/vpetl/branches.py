@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import Activation, AdapterConfig, LoraConfig, PattConfig
+from .config import Activation, AdapterConfig, Kernel, LoraConfig, PattConfig
 
 if TYPE_CHECKING:
     from .projection import OutputSlots
@@ -93,6 +93,7 @@ class PattBranch(ProjectionBranch):
         self.positions = config.positions
         self.scale = config.scale
         self.activation = config.activation
+        self.kernel = Kernel.AUTO  # set by inject from InjectConfig.kernel
         self.down = nn.Linear(d_in, config.d_bottle, bias=bias)
         self.up = nn.Linear(config.d_bottle, sum(widths[c] for c in self.positions), bias=bias)
         if config.zero_init:

@@ -27,6 +27,7 @@ from .handlers import HANDLERS, AttentionHandler
 from .handlers.fused_qkv import unsupported_reason
 from .handlers.mlp import locate_mlp
 from .heads import find_head_paths
+from .kernels import triton_available
 from .projection import BranchedLinear
 from .record import InjectionRecord, get_record, set_record
 
@@ -81,8 +82,11 @@ def inject(
         )
     if any(isinstance(m, BranchedLinear) for m in model.modules()):
         raise InjectionError("part of this model is already injected by vpetl; unload it first.")
-    if config.kernel is Kernel.TRITON:
-        raise ConfigError("kernel='triton' is not available in this vpetl version; use kernel='torch' or 'auto'.")
+    if config.kernel is Kernel.TRITON and not triton_available():
+        raise ConfigError(
+            "kernel='triton' needs the Triton kernels, which cannot run here (Triton not importable or no "
+            "CUDA device; set TRITON_INTERPRET=1 to run them on the CPU). Use kernel='auto' or 'torch'."
+        )
 
     record = InjectionRecord(config)
     try:
@@ -188,6 +192,7 @@ def _add_projection_branches(site: AttentionSite, config: InjectConfig, record: 
         if name == "vpetl_patt":
             bias = spec.bias if cfg.bias is None else cfg.bias
             branch = PattBranch(spec.d_in, widths, cfg, bias=bias)
+            branch.kernel = config.kernel
         else:
             branch = LoraBranch(spec.d_in, widths, cfg)
         branch.to(device=spec.device, dtype=spec.dtype)
