@@ -19,6 +19,7 @@ from .errors import (
     MergeError,
     VpetlError,
 )
+from .disable import disabled
 from .delta import delta_state_dict, load_delta, save_delta
 from .inject import inject, verify
 from .merge import merge, unload
@@ -29,6 +30,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Activation", "AdapterConfig", "BaseWeightsWarning", "ConfigError", "DeltaFileError",
     "DeltaMismatchError", "InjectConfig", "InjectionError", "Kernel", "LoraConfig", "METHODS",
-    "MergeError", "PattConfig", "Summary", "VpetlError", "__version__", "delta_state_dict", "inject",
+    "MergeError", "PattConfig", "Summary", "VpetlError", "__version__", "delta_state_dict", "disabled", "inject",
     "load_delta", "merge", "preset", "save_delta", "summary", "unload", "verify",
 ]

@@ -20,14 +20,18 @@ _MISSING = object()
 
 @dataclass
 class ModuleSwap:
-    """``parent.<name>`` was ``original`` before inject."""
+    """``parent.<name>`` was ``original`` before inject, ``new`` after."""
 
     parent: nn.Module
     name: str
     original: nn.Module
+    new: nn.Module
 
     def undo(self) -> None:
         setattr(self.parent, self.name, self.original)
+
+    def redo(self) -> None:
+        setattr(self.parent, self.name, self.new)
 
 
 @dataclass
@@ -44,28 +48,39 @@ class AddedModule:
 
 @dataclass
 class ClassSwap:
-    """``module.__class__`` was ``original`` before inject."""
+    """``module.__class__`` was ``original`` before inject, ``new`` after."""
 
     module: nn.Module
     original: type
+    new: type
 
     def undo(self) -> None:
         self.module.__class__ = self.original
 
+    def redo(self) -> None:
+        self.module.__class__ = self.new
+
 
 @dataclass
 class AttrSet:
-    """``obj.<name>`` was ``old`` (or absent) before inject."""
+    """``obj.<name>`` was ``old`` (or absent) before inject, ``new`` after."""
 
     obj: Any
     name: str
     old: Any
+    new: Any
 
     def undo(self) -> None:
         if self.old is _MISSING:
             delattr(self.obj, self.name)
         else:
             setattr(self.obj, self.name, self.old)
+
+    def redo(self) -> None:
+        setattr(self.obj, self.name, self.new)
+
+
+STRUCTURAL = (ModuleSwap, ClassSwap, AttrSet)  # what decides which code runs in forward
 
 
 @dataclass
@@ -90,9 +105,10 @@ class InjectionRecord:
     head_paths: tuple[str, ...] = ()
     undo_log: list[Any] = field(default_factory=list)
     hooks: list[tuple[str, int]] = field(default_factory=list)  # ("pre" | "post", hook id) on the root
+    disabled: bool = False  # inside vpetl.disabled(model)
 
     def swap_module(self, parent: nn.Module, name: str, new: nn.Module) -> None:
-        self.undo_log.append(ModuleSwap(parent, name, getattr(parent, name)))
+        self.undo_log.append(ModuleSwap(parent, name, getattr(parent, name), new))
         setattr(parent, name, new)
 
     def add_module(self, parent: nn.Module, name: str, module: nn.Module) -> None:
@@ -102,11 +118,11 @@ class InjectionRecord:
         parent.add_module(name, module)
 
     def swap_class(self, module: nn.Module, new_class: type) -> None:
-        self.undo_log.append(ClassSwap(module, type(module)))
+        self.undo_log.append(ClassSwap(module, type(module), new_class))
         module.__class__ = new_class
 
     def set_attr(self, obj: Any, name: str, value: Any) -> None:
-        self.undo_log.append(AttrSet(obj, name, getattr(obj, name, _MISSING)))
+        self.undo_log.append(AttrSet(obj, name, getattr(obj, name, _MISSING), value))
         setattr(obj, name, value)
 
     def remember_requires_grad(self, model: nn.Module) -> None:
@@ -117,6 +133,18 @@ class InjectionRecord:
             hooks = model._forward_pre_hooks if kind == "pre" else model._forward_hooks
             hooks.pop(hook_id, None)
         self.hooks.clear()
+
+    def detach_structure(self) -> None:
+        """Put the original modules, classes and attributes back, keeping the branches
+        registered (``vpetl.disabled``); :meth:`attach_structure` reverses it."""
+        for entry in reversed(self.undo_log):
+            if isinstance(entry, STRUCTURAL):
+                entry.undo()
+
+    def attach_structure(self) -> None:
+        for entry in self.undo_log:
+            if isinstance(entry, STRUCTURAL):
+                entry.redo()
 
     def undo(self, model: nn.Module | None = None) -> None:
         """Revert every change, newest first (``model``: the root, to remove its hooks)."""
