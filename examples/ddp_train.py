@@ -52,8 +52,8 @@ def global_batch(step: int, args: argparse.Namespace) -> tuple[torch.Tensor, tor
     return images, labels
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(doc: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--model", default="vit_tiny_patch16_224")
     parser.add_argument("--tiny", action="store_true", help="2 blocks, width 32 (for tests)")
     parser.add_argument("--method", default="bapat")
@@ -68,7 +68,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("delta.safetensors"))
     parser.add_argument("--dump-rank-deltas", type=Path, default=None,
                         help="also write every rank's delta tensors to DIR/rank<r>.safetensors (for tests)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args(__doc__)
 
     use_cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if use_cuda else "gloo")

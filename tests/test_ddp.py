@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import safetensors.torch
 import torch
 
@@ -29,12 +30,19 @@ def _torchrun(nproc: int, out_dir: Path) -> subprocess.CompletedProcess:
     return result
 
 
-def test_ddp_two_ranks_match_each_other_and_single_process(tmp_path):
+@pytest.fixture(scope="module")
+def single_process_delta(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The reference: the same script, one process, the whole global batch per step."""
+    out = tmp_path_factory.mktemp("single")
+    _torchrun(1, out)
+    return safetensors.torch.load_file(out / "rank0.safetensors")
+
+
+def test_ddp_two_ranks_match_each_other_and_single_process(tmp_path, single_process_delta):
     _torchrun(2, tmp_path / "ddp")
-    _torchrun(1, tmp_path / "single")
     rank0 = safetensors.torch.load_file(tmp_path / "ddp" / "rank0.safetensors")
     rank1 = safetensors.torch.load_file(tmp_path / "ddp" / "rank1.safetensors")
-    single = safetensors.torch.load_file(tmp_path / "single" / "rank0.safetensors")
+    single = single_process_delta
     initial = _initial_delta()
     assert rank0.keys() == rank1.keys() == single.keys() == initial.keys()
     for name in rank0:
@@ -55,3 +63,21 @@ def _initial_delta() -> dict[str, torch.Tensor]:
         model="vit_tiny_patch16_224", tiny=True, method="bapat", d_bottle=None, classes=10, img_size=32, seed=0,
     )
     return {k: v.detach().clone() for k, v in vpetl.delta_state_dict(ddp_train.build_model(args)).items()}
+
+
+def test_fsdp2_two_ranks_equal_single_process(tmp_path, single_process_delta):
+    """FSDP2 recipe (examples/fsdp2_train.py) on CPU/gloo: the delta saved on rank 0 equals the
+    single-process run's."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(EXAMPLE.with_name("fsdp2_train.py")), "--tiny", "--img-size", "32", "--global-batch", "8",
+        "--steps", "4", "--lr", "0.05", "--optimizer", "sgd", "--out", str(tmp_path / "fsdp" / "delta.safetensors"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    fsdp = safetensors.torch.load_file(tmp_path / "fsdp" / "delta.safetensors")
+    single = single_process_delta
+    assert fsdp.keys() == single.keys()
+    for name in single:
+        torch.testing.assert_close(fsdp[name], single[name], rtol=1e-4, atol=1e-6)
