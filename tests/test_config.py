@@ -93,3 +93,8 @@ def test_from_dict_rejects_unknown_fields():
     data = preset("patt").to_dict() | {"future_option": 1}
     with pytest.raises(vpetl.ConfigError, match="unknown fields \\['future_option'\\].*newer vpetl"):
         InjectConfig.from_dict(data)
+
+
+def test_zero_init_must_be_a_bool_for_every_method():
+    with pytest.raises(vpetl.ConfigError, match="zero_init must be True or False; got 2"):
+        preset("adapter", zero_init=2)

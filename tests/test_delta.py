@@ -322,8 +322,10 @@ def test_directory_instead_of_a_file(tmp_path):
 # --------------------------------------------------------------------------- atomic save
 
 
-@pytest.mark.parametrize("error", [OSError("No space left on device"), KeyboardInterrupt()])
-def test_failed_save_keeps_the_old_file_and_leaves_no_temp_file(saved_bapat, tmp_path, monkeypatch, error):
+@pytest.mark.parametrize(
+    "error,raised", [(OSError(28, "No space left on device"), DeltaFileError), (KeyboardInterrupt(), KeyboardInterrupt)]
+)
+def test_failed_save_keeps_the_old_file_and_leaves_no_temp_file(saved_bapat, tmp_path, monkeypatch, error, raised):
     path, trained = saved_bapat
     target = tmp_path / "delta.safetensors"
     good = save_delta(trained, target).read_bytes()
@@ -333,13 +335,25 @@ def test_failed_save_keeps_the_old_file_and_leaves_no_temp_file(saved_bapat, tmp
         raise error
 
     monkeypatch.setattr(safetensors.torch, "save_file", failing_save_file)
-    with pytest.raises(type(error)):
+    with pytest.raises(raised, match="No space left on device.*previous file, if any, is unchanged" if raised is
+                       DeltaFileError else None):
         save_delta(trained, target)
     assert target.read_bytes() == good
     assert os.listdir(tmp_path) == ["delta.safetensors"]
-    with pytest.raises(type(error)):
+    with pytest.raises(raised):
         save_delta(trained, tmp_path / "new.safetensors")
     assert os.listdir(tmp_path) == ["delta.safetensors"]
+
+
+def test_save_to_a_read_only_location_says_so(saved_bapat, tmp_path, monkeypatch):
+    _, trained = saved_bapat
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "open", read_only)  # root ignores chmod, so simulate the refusal
+    with pytest.raises(DeltaFileError, match="cannot create a file in .*Permission denied.*writable location"):
+        save_delta(trained, tmp_path / "delta.safetensors")
 
 
 def test_save_overwrites_atomically_and_returns_the_path(saved_bapat, tmp_path):

@@ -219,6 +219,8 @@ def preset(
     kernel: Kernel | str = Kernel.AUTO,
 ) -> InjectConfig:
     """Map a method name and the one width knob onto an ``InjectConfig`` (paper defaults)."""
+    if not isinstance(zero_init, bool):
+        raise ConfigError(f"zero_init must be True or False; got {zero_init!r}.")
     if not isinstance(method, str) or method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; accepted: {', '.join(METHODS)} (or pass an InjectConfig).")
     if d_bottle is not None and method not in _WIDTH_DEFAULTS:

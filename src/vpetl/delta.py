@@ -372,11 +372,16 @@ def _atomic_write(target: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as error:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(error, OSError):  # disk full, permissions changed...: the old file is intact
+            raise _file_error(
+                target, f"cannot save: writing failed ({error.strerror or error}); the previous file, "
+                "if any, is unchanged"
+            ) from error
         raise
     _fsync_directory(directory)
 
@@ -390,7 +395,10 @@ def _create_unique(directory: Path, name: str) -> Path:
         except FileExistsError:
             continue
         except OSError as e:
-            raise _file_error(directory / name, f"cannot save: {e.strerror or e}") from e
+            raise _file_error(
+                directory / name,
+                f"cannot save: cannot create a file in {directory} ({e.strerror or e}); choose a writable location",
+            ) from e
         os.close(fd)
         return tmp
     raise _file_error(directory / name, "cannot save: no unique temporary file name found")

@@ -141,6 +141,19 @@ def find_attention(model: nn.Module) -> tuple[list[AttentionSite], list[tuple[st
     return sites, unhandled
 
 
+def _module_census(model: nn.Module, limit: int = 6) -> str:
+    """"12 Linear, 4 LayerNorm, ..." for error messages: what the walker did find."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if module is not model:
+            counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
+    if not counts:
+        return "no submodules"
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    text = ", ".join(f"{n} {name}" for name, n in ranked[:limit])
+    return text + (f", and {len(ranked) - limit} other types" if len(ranked) > limit else "")
+
+
 def _why_unhandled(module: nn.Module) -> str:
     reason = unsupported_reason(module) if "qkv" in module._modules else None
     return reason or "its q/k/v projections are not nn.Linear modules called in forward"
@@ -163,8 +176,10 @@ def _add_branches(model: nn.Module, config: InjectConfig, record: InjectionRecor
         warnings.warn(message, stacklevel=3)
     if not sites:
         raise InjectionError(
-            f"found no attention module in {type(model).__name__}: vpetl adapts fused qkv Linears, "
-            "separate q/k/v Linears, nn.MultiheadAttention and torchvision window attention."
+            f"found no attention module in {type(model).__name__} (it contains {_module_census(model)}). "
+            "vpetl adapts attention with a fused qkv nn.Linear, separate q/k/v (or q + kv) nn.Linear "
+            "children, nn.MultiheadAttention and torchvision window attention. For a model without "
+            "attention use method 'linear', 'bitfit' or 'full'."
         )
     projection_sites = sites if (config.patt or config.lora) else []
     for site in projection_sites:
