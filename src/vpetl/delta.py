@@ -179,20 +179,22 @@ def base_shapes(model: nn.Module) -> dict[str, list[int]]:
 def base_hash(model: nn.Module, exclude: set[str] = frozenset()) -> str:
     """A cheap, deterministic hash of the frozen base weights.
 
-    Covers every base parameter not in ``exclude`` (the delta's own tensors): its name, shape,
-    dtype and ``HASH_SAMPLES`` evenly spaced values (first and last included) as float32. Reads
-    at most 64 values per tensor, so it costs milliseconds even for ViT-B.
+    Covers every base parameter not in ``exclude`` (the delta's own tensors): its name, shape
+    and ``HASH_SAMPLES`` evenly spaced values (first and last included), rounded to bfloat16
+    precision so that the same weights cast to another float dtype (``.half()``,
+    ``.bfloat16()``, ``.double()``) hash the same. Reads at most 64 values per tensor, so it
+    costs milliseconds even for ViT-B.
     """
     digest = hashlib.blake2b(digest_size=16)
     params = sorted((n, p) for n, p in model.named_parameters() if BRANCH_MARKER not in n and n not in exclude)
     for name, param in params:
-        digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|".encode())
+        digest.update(f"{name}|{tuple(param.shape)}|".encode())
         flat = param.detach().reshape(-1)
         if flat.numel() == 0:
             continue
         count = min(flat.numel(), HASH_SAMPLES)
         index = torch.linspace(0, flat.numel() - 1, count, dtype=torch.float64).round().long()
-        sample = flat[index.to(flat.device)].to("cpu", torch.float32).tolist()
+        sample = flat[index.to(flat.device)].to("cpu", torch.float32).to(torch.bfloat16).float().tolist()
         digest.update(struct.pack(f"<{count}f", *sample))
     return digest.hexdigest()
 
