@@ -20,7 +20,9 @@ from hypothesis import given, settings, strategies as st
 import vpetl
 from conftest import tiny_vit
 from vpetl.config import METHODS, preset
-from vpetl.delta import FORMAT_NAME, METADATA_KEYS, delta_state_dict, load_delta, save_delta
+from vpetl.delta import (
+    FORMAT_NAME, METADATA_KEYS, base_checksum, delta_state_dict, different_weights, load_delta, save_delta,
+)
 from vpetl.errors import BaseWeightsWarning, DeltaFileError, DeltaMismatchError, InjectionError
 from vpetl.record import get_record
 
@@ -146,17 +148,20 @@ def test_file_holds_exactly_the_delta_and_the_metadata(saved_bapat):
         assert torch.equal(tensors[name], value)
 
 
-def test_base_hash_ignores_the_delta_but_sees_the_frozen_weights():
+def test_base_checksum_ignores_the_delta_but_sees_the_frozen_weights():
     a, b = inject(tiny_vit(), "bitfit"), inject(tiny_vit(), "bitfit")
     with torch.no_grad():
-        b.blocks[0].attn.qkv.bias.add_(1.0)  # trainable in bitfit: part of the delta, not the hash
+        b.blocks[0].attn.qkv.bias.add_(1.0)  # trainable in bitfit: part of the delta, not the checksum
     with tempfile.TemporaryDirectory() as tmp:
-        ha = read_raw_header(save_delta(a, Path(tmp) / "a"))["__metadata__"]["base_hash"]
-        hb = read_raw_header(save_delta(b, Path(tmp) / "b"))["__metadata__"]["base_hash"]
+        ca = json.loads(read_raw_header(save_delta(a, Path(tmp) / "a"))["__metadata__"]["base_checksum"])
+        cb = json.loads(read_raw_header(save_delta(b, Path(tmp) / "b"))["__metadata__"]["base_checksum"])
         with torch.no_grad():
             b.blocks[0].attn.qkv.weight[-1, -1] += 1.0  # frozen, and the last value is always sampled
-        hc = read_raw_header(save_delta(b, Path(tmp) / "c"))["__metadata__"]["base_hash"]
-    assert ha == hb != hc
+        cc = json.loads(read_raw_header(save_delta(b, Path(tmp) / "c"))["__metadata__"]["base_checksum"])
+    assert "blocks.0.attn.qkv.bias" not in ca
+    assert different_weights(ca, cb) == []
+    assert different_weights(ca, cc) == ["blocks.0.attn.qkv.weight"]
+    assert len(different_weights(ca, base_checksum(tiny_vit(seed=7)))) > 10  # another init: nearly all differ
 
 
 def test_delta_of_a_plain_model_is_an_error(tmp_path):

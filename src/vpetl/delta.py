@@ -13,7 +13,8 @@ key                value
 ``config``         the ``InjectConfig`` as JSON (``InjectConfig.to_dict``)
 ``base_shapes``    JSON ``{name: [shape]}`` of every base parameter (no ``vpetl_`` in the name,
                    head included): the architecture fingerprint
-``base_hash``      blake2b of the frozen base weights (name, shape, dtype, 64 evenly spaced values)
+``base_checksum``  JSON ``{name: [mean, ramp mean, mean |x|]}`` of 64 evenly spaced values of
+                   every frozen base tensor, compared with a tolerance (dtype casts still match)
 ``model_class``    the model's class name (informational, used in messages)
 ``tensor_count``   the number of tensors in the file
 =================  ===============================================================================
@@ -26,7 +27,6 @@ the target, so a failure leaves neither a half-written file nor a damaged previo
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import secrets
@@ -47,9 +47,9 @@ from .record import get_record, set_record
 FORMAT_NAME = "vpetl.delta"
 FORMAT_VERSION = "1"
 BRANCH_MARKER = "vpetl_"
-HASH_SAMPLES = 64
+CHECKSUM_SAMPLES = 64
 METADATA_KEYS = (
-    "format", "format_version", "vpetl_version", "config", "base_shapes", "base_hash", "model_class",
+    "format", "format_version", "vpetl_version", "config", "base_shapes", "base_checksum", "model_class",
     "tensor_count",
 )
 _MAX_HEADER_BYTES = 100_000_000  # the safetensors limit
@@ -93,7 +93,7 @@ def save_delta(model: nn.Module, path: PathLike) -> Path:
         "vpetl_version": __version__,
         "config": json.dumps(record.config.to_dict(), sort_keys=True),
         "base_shapes": json.dumps(base_shapes(model), sort_keys=True, separators=(",", ":")),
-        "base_hash": base_hash(model, exclude=set(tensors)),
+        "base_checksum": json.dumps(base_checksum(model, exclude=set(tensors)), separators=(",", ":")),
         "model_class": type(model).__name__,
         "tensor_count": str(len(tensors)),
     }
@@ -142,7 +142,7 @@ def load_delta(model: nn.Module, path: PathLike, *, strict: bool = True) -> nn.M
             f"{_show(record.config)}.\nCall vpetl.unload(model) and load the delta into the plain model "
             "(load_delta injects it with the stored config)."
         )
-    same_base = base_hash(model, exclude=set(tensor_names)) == metadata.get("base_hash")
+    changed = different_weights(_json_field(path, metadata, "base_checksum", dict), base_checksum(model, set(tensor_names)))
 
     tensors = _read_tensors(path)
     injected_here = record is None
@@ -156,12 +156,11 @@ def load_delta(model: nn.Module, path: PathLike, *, strict: bool = True) -> nn.M
             record.undo(model)
             set_record(model, None)
         raise
-    if not same_base and not arch_problems:
+    if changed and not arch_problems:
         warnings.warn(
-            f"{origin} was trained on other base weights than this model's (the base-weight hashes differ; "
-            "a cast to another dtype counts as different); "
-            "the delta is loaded, but outputs will differ from the trained model. Load the same pretrained "
-            "checkpoint the delta was trained on.",
+            f"{origin} was trained on other base weights than this model's ({len(changed)} frozen tensors "
+            f"differ, e.g. {format_names(changed, 3)}); the delta is loaded, but outputs will differ from "
+            "the trained model. Load the same pretrained checkpoint the delta was trained on.",
             BaseWeightsWarning,
             stacklevel=2,
         )
@@ -176,27 +175,42 @@ def base_shapes(model: nn.Module) -> dict[str, list[int]]:
     return {n: list(p.shape) for n, p in model.named_parameters() if BRANCH_MARKER not in n}
 
 
-def base_hash(model: nn.Module, exclude: set[str] = frozenset()) -> str:
-    """A cheap, deterministic hash of the frozen base weights.
+def base_checksum(model: nn.Module, exclude: set[str] = frozenset()) -> dict[str, list[float]]:
+    """A cheap fingerprint of the frozen base weights' values: per parameter not in ``exclude``
+    (the delta's own tensors), three statistics of ``CHECKSUM_SAMPLES`` evenly spaced values
+    (first and last included): their mean, their ramp-weighted mean and their mean magnitude.
 
-    Covers every base parameter not in ``exclude`` (the delta's own tensors): its name, shape
-    and ``HASH_SAMPLES`` evenly spaced values (first and last included), rounded to bfloat16
-    precision so that the same weights cast to another float dtype (``.half()``,
-    ``.bfloat16()``, ``.double()``) hash the same. Reads at most 64 values per tensor, so it
-    costs milliseconds even for ViT-B.
+    Compared with a tolerance (:func:`different_weights`), so the same weights cast to another
+    float dtype (``.half()``, ``.bfloat16()``, ``.double()``) still match, while other weights
+    (another checkpoint, a fresh init) differ by far more. Reads at most 64 values per tensor:
+    milliseconds even for ViT-B.
     """
-    digest = hashlib.blake2b(digest_size=16)
-    params = sorted((n, p) for n, p in model.named_parameters() if BRANCH_MARKER not in n and n not in exclude)
-    for name, param in params:
-        digest.update(f"{name}|{tuple(param.shape)}|".encode())
-        flat = param.detach().reshape(-1)
-        if flat.numel() == 0:
+    out: dict[str, list[float]] = {}
+    for name, param in sorted(model.named_parameters()):
+        if BRANCH_MARKER in name or name in exclude:
             continue
-        count = min(flat.numel(), HASH_SAMPLES)
+        flat = param.detach().reshape(-1)
+        count = min(flat.numel(), CHECKSUM_SAMPLES)
+        if count == 0:
+            out[name] = [0.0, 0.0, 0.0]
+            continue
         index = torch.linspace(0, flat.numel() - 1, count, dtype=torch.float64).round().long()
-        sample = flat[index.to(flat.device)].to("cpu", torch.float32).to(torch.bfloat16).float().tolist()
-        digest.update(struct.pack(f"<{count}f", *sample))
-    return digest.hexdigest()
+        sample = flat[index.to(flat.device)].to("cpu", torch.float64)
+        ramp = torch.linspace(-1, 1, count, dtype=torch.float64)
+        out[name] = [float(sample.mean()), float((sample * ramp).mean()), float(sample.abs().mean())]
+    return out
+
+
+def different_weights(stored: dict[str, list[float]], current: dict[str, list[float]], rtol: float = 1e-2) -> list[str]:
+    """Names whose checksums differ by more than ``rtol`` of the tensor's mean magnitude
+    (a half-precision cast moves them by about 1e-3 of it)."""
+    differ = []
+    for name in sorted(set(stored) & set(current)):
+        a, b = stored[name], current[name]
+        scale = max(abs(a[2]), abs(b[2]), 1e-12)
+        if any(abs(x - y) > rtol * scale for x, y in zip(a, b)):
+            differ.append(name)
+    return differ
 
 
 def _compare_base(stored: dict[str, Any], current: dict[str, list[int]]) -> str:
