@@ -381,3 +381,20 @@ def test_save_to_a_bad_path_says_why(saved_bapat, tmp_path):
     with pytest.raises(DeltaFileError, match="is a directory"):
         save_delta(trained, tmp_path)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_save_in_half_precision_halves_the_file_and_loads_into_fp32(saved_bapat, tmp_path, dtype):
+    path, trained = saved_bapat
+    small = save_delta(trained, tmp_path / "half.safetensors", dtype=dtype)
+    assert small.stat().st_size < 0.6 * path.stat().st_size
+    model = load_delta(tiny_vit(), small)
+    for name, value in delta_state_dict(trained).items():
+        param = dict(model.named_parameters())[name]
+        assert param.dtype == torch.float32 and torch.equal(param, value.to(dtype).float())
+
+
+def test_save_rejects_a_non_float_dtype(saved_bapat, tmp_path):
+    _, trained = saved_bapat
+    with pytest.raises(DeltaFileError, match="dtype must be None or one of torch.float32"):
+        save_delta(trained, tmp_path / "x.safetensors", dtype=torch.int8)

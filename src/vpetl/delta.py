@@ -77,15 +77,27 @@ def delta_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: params[name].detach() for name in record.delta_names}
 
 
-def save_delta(model: nn.Module, path: PathLike) -> Path:
+SAVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def save_delta(model: nn.Module, path: PathLike, *, dtype: torch.dtype | None = None) -> Path:
     """Write the delta of an injected ``model`` to ``path`` (one safetensors file); return the path.
 
     Only the trainable tensors are stored, on CPU and contiguous, with the injection config and a
     fingerprint of the base in the metadata (see the module docstring). The write is atomic.
+    ``dtype`` (e.g. ``torch.bfloat16``) stores the floating-point tensors in that dtype (half
+    the file); None keeps each tensor's own. ``load_delta`` converts every tensor to the dtype
+    of the model parameter it lands in.
     """
     from . import __version__  # lazy: vpetl/__init__ imports this module
 
+    if dtype is not None and dtype not in SAVE_DTYPES:
+        raise DeltaFileError(
+            f"save_delta dtype must be None or one of {', '.join(str(d) for d in SAVE_DTYPES)}; got {dtype!r}."
+        )
     tensors = _saveable(delta_state_dict(model))
+    if dtype is not None:
+        tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
     record = get_record(model)
     metadata = {
         "format": FORMAT_NAME,
