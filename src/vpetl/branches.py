@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .config import Activation, AdapterConfig, Kernel, LoraConfig, PattConfig
 
 if TYPE_CHECKING:
@@ -207,6 +208,7 @@ class AdapterBranch(Branch):
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
+        self.kernel = Kernel.AUTO  # "triton" runs the fused Triton adapter; "auto" keeps torch for now
 
     def forward(self, x: Tensor) -> Tensor:
         self._mark_called()
@@ -215,6 +217,9 @@ class AdapterBranch(Branch):
     def add_to(self, out: Tensor, x: Tensor) -> Tensor:
         """``out + s * up(act(down(x)))`` with the scale and sum fused into one ``addmm``."""
         self._mark_called()
+        fused = self._fused_add(out, x)
+        if fused is not None:
+            return fused
         h = ACTIVATIONS[self.activation](self.down(x))
         flat = out.reshape(-1, out.shape[-1])
         h2d = h.reshape(-1, h.shape[-1])
@@ -222,6 +227,29 @@ class AdapterBranch(Branch):
             h2d = h2d.to(flat.dtype)
         summed = torch.addmm(flat, h2d, self.up.weight.t().to(flat.dtype), alpha=self.scale)
         return summed.add_(self.up.bias.to(flat.dtype), alpha=self.scale).view(out.shape)
+
+    def _fused_add(self, out: Tensor, x: Tensor) -> Tensor | None:
+        """The Triton adapter (:func:`vpetl.kernels.patt_triton.adapter_add`) when the kernel
+        asks for it explicitly and covers the call; None: the torch path."""
+        device_type = out.device.type
+        if not kernels.use_triton(self.kernel, device_type, auto=False) or out.numel() == 0:
+            return None
+        if kernels.hooked(self.down, self.up):
+            return None  # module hooks on down/up must fire: the fused op does not call them
+        params = (self.down.weight, self.down.bias, self.up.weight, self.up.bias)
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+        else:
+            dtype = out.dtype
+            if any(t.dtype != dtype for t in (x, *params)):
+                return None
+        ops = kernels.triton_ops()
+        if dtype not in ops.SUPPORTED_DTYPES or self.down.weight.shape[0] > ops.MAX_RANK:
+            return None
+        flat = [out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1])]
+        with torch.autocast(device_type, enabled=False):
+            summed = ops.adapter_add(*[t.to(dtype) for t in (*flat, *params)], float(self.scale), self.activation.value)
+        return summed.view(out.shape)
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}, activation={self.activation.value}"

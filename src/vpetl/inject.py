@@ -233,6 +233,7 @@ def _add_adapters(
         done.add(mlp_site.path)
         ref = next(mlp_site.module.parameters())
         adapter = AdapterBranch(mlp_site.d_in, config.adapter, mlp_site.d_out).to(device=ref.device, dtype=ref.dtype)
+        adapter.kernel = config.kernel
         mlp_site.wire(adapter, record)
         record.branches[_join(mlp_site.path, "vpetl_adapter")] = adapter
     if missing:

@@ -2,10 +2,13 @@
 
 ``BranchedLinear`` is an ``nn.Linear`` that *adopts* the original module's ``weight`` and
 ``bias`` Parameter objects, so ``blocks.0.attn.qkv.weight`` stays ``blocks.0.attn.qkv.weight``
-and a base checkpoint still loads after ``inject``. Its forward is
+and a base checkpoint still loads after ``inject``. Its forward (:func:`project`) is
 
     out = x W^T + (b + sum of the branches' scaled up-projection biases, folded per slot)
     for each branch: branch.add_into_(x, out)       # in-place addmm_ into slot views
+
+run as one fused op with an explicit backward when a single PATT branch covers the
+projection (torch: :mod:`vpetl.kernels.torch_path`, Triton: :mod:`vpetl.kernels.patt_triton`).
 
 ``SlotLayout`` says which columns of the output hold which position (q, k, v):
 position-major ``[n, H, hd]`` (timm ViT and most others) or head-major ``[H, n, hd]``
@@ -14,13 +17,17 @@ position-major ``[n, H, hd]`` (timm ViT and most others) or head-major ``[H, n, 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
+from .kernels import torch_path
 from .branches import ProjectionBranch
+from .config import Kernel
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,16 @@ class SlotLayout:
             return weight.view(self.heads, n, -1, weight.shape[1])[:, i]
         w = weight.shape[0] // n
         return weight[i * w : (i + 1) * w]
+
+    def columns(self, out_features: int, letter: str) -> Tensor:
+        """Indices of slot ``letter``'s output columns, in the order of :meth:`view`'s
+        flattened columns (head by head when head-major): ``(w,)`` int64."""
+        n, i = len(self.letters), self.letters.index(letter)
+        if not self.heads:
+            w = out_features // n
+            return torch.arange(i * w, (i + 1) * w)
+        hd = out_features // (n * self.heads)
+        return (torch.arange(self.heads)[:, None] * (n * hd) + i * hd + torch.arange(hd)).reshape(-1)
 
     def runs(self, positions: str) -> list[str]:
         """Group ``positions`` held here into runs of adjacent columns (one GEMM each)."""
@@ -82,9 +99,26 @@ def project(
 ) -> Tensor:
     """``x W^T + b`` plus every branch added into its slots; ``x`` is ``(..., d_in)``.
 
-    The branches' constant terms are folded into the bias (one tiny vector op instead of
-    another pass over the output); the matmul parts are ``addmm_`` into slot views.
+    One PATT branch whose positions all live in this projection (a fused qkv or kv Linear,
+    ``nn.MultiheadAttention``'s in-projection, window attention) runs as one fused op: the
+    Triton kernels when the branch's kernel selects them (:mod:`vpetl.kernels`), otherwise
+    :mod:`vpetl.kernels.torch_path`. Everything else (LoRA, separate K and V Linears sharing
+    one ``h``, several branches) takes :func:`project_generic`.
     """
+    x2d = x.reshape(-1, x.shape[-1])
+    if len(branches) == 1 and branches[0].kind == "patt":
+        fused = _single_patt(x2d, weight, bias, layout, branches[0])
+        if fused is not None:
+            return fused.view(*x.shape[:-1], weight.shape[0])
+    return project_generic(x, weight, bias, layout, branches)
+
+
+def project_generic(
+    x: Tensor, weight: Tensor, bias: Tensor | None, layout: SlotLayout, branches: list[ProjectionBranch]
+) -> Tensor:
+    """Any branches: the branches' constant terms are folded into the bias (one tiny vector
+    op instead of another pass over the output); the matmul parts are ``addmm_`` into slot
+    views, differentiated by autograd."""
     x2d = x.reshape(-1, x.shape[-1])
     bias, unfolded = _folded_bias(bias, layout, branches, weight.shape[0])
     out2d = F.linear(x2d, weight, bias)
@@ -95,6 +129,123 @@ def project(
         view = slots.view(letter)
         view.add_(term.to(view.dtype).view(view.shape[1:]))
     return out2d.view(*x.shape[:-1], weight.shape[0])
+
+
+def _single_patt(x2d: Tensor, weight: Tensor, bias: Tensor | None, layout: SlotLayout, branch) -> Tensor | None:
+    """The fused PATT projection ``(M, N)``: Triton or torch per :func:`vpetl.kernels.use_triton`;
+    None when this call is not one fused op (the generic path then runs)."""
+    device_type = x2d.device.type
+    triton = kernels.use_triton(branch.kernel, device_type)  # first: "triton" where it cannot run raises
+    if branch._consumers != 1 or not set(branch.positions) <= set(layout.letters) or x2d.shape[0] == 0:
+        return None  # e.g. separate K and V Linears sharing one h: project_generic caches h
+    if kernels.hooked(branch.down, branch.up):
+        return None  # hooks on the branch's Linears must fire: the fused op does not call them
+    params = [branch.down.weight, branch.down.bias, branch.up.weight, branch.up.bias]
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast:
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = x2d.dtype
+        if any(t is not None and t.dtype != dtype for t in (weight, bias, *params)):
+            return None
+    if not dtype.is_floating_point:
+        return None
+    scale, act = float(branch.scale), branch.activation.value
+    if triton:
+        ops = kernels.triton_ops()
+        triton = (
+            dtype in ops.SUPPORTED_DTYPES
+            and branch.down.weight.shape[0] <= ops.MAX_RANK
+            and weight.shape[0] % (len(layout.letters) * max(layout.heads, 1)) == 0
+            and (kernels.configured(branch.kernel) is not Kernel.AUTO or _self_test(ops, x2d.device, dtype, act))
+        )
+    tensors = [None if t is None else t.to(dtype) for t in (x2d, weight, bias, *params)]
+    branch._mark_called()
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+        if triton:
+            return ops.patt_project(*tensors, _slot_map(ops, layout, weight.shape[0], branch, x2d.device), scale, act)
+        runs = _runs(layout, branch)
+        return torch_path.patt_project_torch(*tensors, layout, runs, scale, act)
+
+
+_RUNS: dict = {}
+
+
+def _runs(layout: SlotLayout, branch) -> list[tuple[str, slice]]:
+    """``(letters, up rows)`` per group of adjacent K/V columns of this layout (cached)."""
+    key = (layout, branch.positions, tuple((c, s.start, s.stop) for c, s in branch._rows.items()))
+    found = _RUNS.get(key)
+    if found is None:
+        rows = branch._rows
+        found = _RUNS[key] = [
+            (letters, slice(rows[letters[0]].start, rows[letters[-1]].stop))
+            for letters in layout.runs(branch.positions)
+        ]
+    return found
+
+
+_SLOT_MAPS: dict = {}
+
+
+def _slot_map(ops, layout: SlotLayout, out_features: int, branch, device: torch.device):
+    """Which output column each up-projection row feeds (and back), cached per layout."""
+    key = (layout, out_features, tuple((c, s.start, s.stop) for c, s in branch._rows.items()), device)
+    found = _SLOT_MAPS.get(key)
+    if found is None:
+        rows = torch.full((out_features,), -1, dtype=torch.int64)
+        cols = []
+        for c, span in branch._rows.items():
+            where = layout.columns(out_features, c)
+            rows[where] = torch.arange(span.start, span.stop)
+            cols.append(where)
+        up_rows = torch.cat([torch.arange(s.start, s.stop) for s in branch._rows.values()])
+        order = torch.cat(cols)[torch.argsort(up_rows)]
+        found = ops.SlotMap(rows.to(device=device, dtype=torch.int32), order.to(device=device, dtype=torch.int32))
+        _SLOT_MAPS[key] = found
+    return found
+
+
+_SELF_TESTS: dict = {}
+
+
+def _self_test(ops, device: torch.device, dtype: torch.dtype, activation: str) -> bool:
+    """Under kernel="auto", run the kernels once per (device, dtype, activation) on a small
+    problem against the reference before trusting them; a failure (compiler error on an
+    unknown GPU, wrong result) warns once and sends "auto" to the torch path."""
+    key = (device, dtype, activation)
+    if key not in _SELF_TESTS:
+        ok = False
+        try:
+            with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+                ok = _run_self_test(ops, device, dtype, activation)
+            if not ok:
+                raise RuntimeError("the fused result differs from the reference")
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any failure means: do not use Triton under auto
+            kernels.disable_auto(error)
+        _SELF_TESTS[key] = ok
+    return _SELF_TESTS[key]
+
+
+def _run_self_test(ops, device: torch.device, dtype: torch.dtype, activation: str) -> bool:
+    """PATT-16 on K/V of a 32-wide qkv, 40 tokens: output and all gradients vs the reference."""
+    from .kernels.reference import patt_reference
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    shapes = [(40, 32), (96, 32), (96,), (16, 32), (16,), (64, 16), (64,)]
+    args = [(torch.randn(s, generator=gen) * 0.5).to(device=device, dtype=dtype).requires_grad_() for s in shapes]
+    fake_branch = type("Rows", (), {"_rows": {"k": slice(0, 32), "v": slice(32, 64)}})()
+    out = ops.patt_project(*args, _slot_map(ops, SlotLayout("qkv"), 96, fake_branch, device), 0.8, activation)
+    grads = torch.autograd.grad(out.float().square().sum(), args)
+    leaves = [a.detach().float().requires_grad_() for a in args]
+    ref = patt_reference(*leaves, 0.8, "kv", "qkv", 0, activation)
+    refs = torch.autograd.grad(ref.square().sum(), leaves)
+    tol = 1e-2 if dtype == torch.float32 else 6e-2
+    return all(
+        torch.allclose(a.float(), b, rtol=tol, atol=tol * (b.abs().max().item() or 1.0))
+        for a, b in zip((out, *grads), (ref, *refs))
+    )
 
 
 def _folded_bias(
