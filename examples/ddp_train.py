@@ -71,6 +71,28 @@ def parse_args(doc: str) -> argparse.Namespace:
     return parser.parse_args()
 
 
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """The optimizer over the trainable parameters only (the frozen base is left out)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(trainable, lr=args.lr)
+    return torch.optim.SGD(trainable, lr=args.lr, momentum=0.9)
+
+
+def train(forward, optimizer, args: argparse.Namespace, rank: int, world: int, device: torch.device) -> None:
+    """``args.steps`` steps; each rank trains on its contiguous shard of the global batch."""
+    local = args.global_batch // world
+    for step in range(args.steps):
+        images, labels = global_batch(step, args)
+        shard = slice(rank * local, (rank + 1) * local)
+        loss = F.cross_entropy(forward(images[shard].to(device)), labels[shard].to(device))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if rank == 0 and (step % 10 == 0 or step == args.steps - 1):
+            print(f"step {step}: loss {loss.item():.4f} (rank 0 shard)")
+
+
 def main() -> None:
     args = parse_args(__doc__)
 
@@ -83,21 +105,7 @@ def main() -> None:
 
     model = build_model(args).to(device)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if args.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(trainable, lr=args.lr)
-    else:
-        optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=0.9)
-    local = args.global_batch // world
-    for step in range(args.steps):
-        images, labels = global_batch(step, args)
-        shard = slice(rank * local, (rank + 1) * local)
-        loss = F.cross_entropy(ddp(images[shard].to(device)), labels[shard].to(device))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if rank == 0 and (step % 10 == 0 or step == args.steps - 1):
-            print(f"step {step}: loss {loss.item():.4f} (rank 0 shard)")
+    train(ddp, make_optimizer(model, args), args, rank, world, device)
 
     if rank == 0:
         args.out.parent.mkdir(parents=True, exist_ok=True)

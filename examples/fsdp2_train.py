@@ -23,13 +23,12 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import vpetl
-from ddp_train import build_model, global_batch, parse_args
+from ddp_train import build_model, make_optimizer, parse_args, train
 
 
 def main() -> None:
@@ -48,21 +47,7 @@ def main() -> None:
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = (
-        torch.optim.AdamW(trainable, lr=args.lr) if args.optimizer == "adamw"
-        else torch.optim.SGD(trainable, lr=args.lr, momentum=0.9)
-    )
-    local = args.global_batch // world
-    for step in range(args.steps):
-        images, labels = global_batch(step, args)
-        shard = slice(rank * local, (rank + 1) * local)
-        loss = F.cross_entropy(model(images[shard].to(device)), labels[shard].to(device))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if rank == 0 and (step % 10 == 0 or step == args.steps - 1):
-            print(f"step {step}: loss {loss.item():.4f} (rank 0 shard)")
+    train(model, make_optimizer(model, args), args, rank, world, device)
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
