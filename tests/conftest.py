@@ -25,3 +25,7 @@ def vit():
 def images():
     torch.manual_seed(1)
     return torch.randn(2, 3, 32, 32)
+
+
+# Options a method cannot go without (``tune`` must be told what to unfreeze).
+METHOD_OPTIONS = {"tune": {"positions": ["norm1", "attn_qkv"]}}

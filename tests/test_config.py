@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 import vpetl
-from vpetl.config import AdapterConfig, InjectConfig, LoraConfig, PattConfig, preset
+from vpetl.config import AdapterConfig, InjectConfig, LoraConfig, PattConfig
+from vpetl.presets import preset
 
 
 def test_presets_use_paper_defaults():
@@ -56,12 +57,14 @@ def test_bad_positions_are_rejected(bad, why):
 
 
 def test_options_a_method_does_not_have_are_rejected():
-    with pytest.raises(vpetl.ConfigError, match="method 'linear' has no width"):
+    with pytest.raises(vpetl.ConfigError, match="d_bottle=8 does not apply to method 'linear'; it applies to patt"):
         preset("linear", d_bottle=8)
-    with pytest.raises(vpetl.ConfigError, match="method 'bitfit' has no branch scale"):
+    with pytest.raises(vpetl.ConfigError, match="scale=0.5 does not apply to method 'bitfit'"):
         preset("bitfit", scale=0.5)
-    with pytest.raises(vpetl.ConfigError, match="positions apply to patt, bapat, lora"):
+    with pytest.raises(vpetl.ConfigError, match="positions='kv' does not apply to method 'adapter'; it applies to patt, bapat, lora, tune"):
         preset("adapter", positions="kv")
+    with pytest.raises(vpetl.ConfigError, match="deep=True does not apply to method 'prefix'; it applies to vpt"):
+        preset("prefix", deep=True)
 
 
 def test_bad_enum_and_scale_values():
@@ -95,6 +98,8 @@ def test_from_dict_rejects_unknown_fields():
         InjectConfig.from_dict(data)
 
 
-def test_zero_init_must_be_a_bool_for_every_method():
+def test_zero_init_must_be_a_bool_and_applies_to_patt_only():
     with pytest.raises(vpetl.ConfigError, match="zero_init must be True or False; got 2"):
-        preset("adapter", zero_init=2)
+        preset("patt", zero_init=2)
+    with pytest.raises(vpetl.ConfigError, match="zero_init=True does not apply to method 'adapter'"):
+        preset("adapter", zero_init=True)

@@ -18,8 +18,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import vpetl
-from conftest import tiny_vit
-from vpetl.config import METHODS, preset
+from conftest import METHOD_OPTIONS, tiny_vit
+from vpetl.presets import METHODS, preset
 from vpetl.delta import (
     FORMAT_NAME, METADATA_KEYS, base_checksum, delta_state_dict, different_weights, load_delta, save_delta,
 )
@@ -68,7 +68,7 @@ def read_raw_header(path):
 def test_round_trip_reproduces_the_trained_model(method, tmp_path, images):
     base = tiny_vit()
     fresh = copy.deepcopy(base).eval()
-    trained = train_a_little(inject(base, method), images)
+    trained = train_a_little(inject(base, method, **METHOD_OPTIONS.get(method, {})), images)
     before = fresh(images)
     path = save_delta(trained, tmp_path / f"{method}.safetensors")
 

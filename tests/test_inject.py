@@ -13,7 +13,7 @@ from torch import nn
 import vpetl
 from vpetl.record import get_record
 
-from conftest import tiny_vit
+from conftest import METHOD_OPTIONS, tiny_vit
 
 DEPTH = 2
 
@@ -30,7 +30,11 @@ def expected_trainable(method: str, base: set[str]) -> set[str]:
     patt = _names("blocks.{}.attn.vpetl_patt", PATT_LEAVES)
     adapter = _names("blocks.{}.vpetl_adapter", PATT_LEAVES)
     lora = _names("blocks.{}.attn.vpetl_lora", ["q.down.weight", "q.up.weight", "v.down.weight", "v.up.weight"])
+    prefix = _names("blocks.{}.attn.vpetl_prefix", ["tokens", *PATT_LEAVES])
     return {
+        "prefix": prefix | HEAD,
+        "vpt": {"blocks.0.vpetl_prompt.tokens"} | HEAD,
+        "tune": _names("blocks.{}.norm1", ["weight", "bias"]) | _names("blocks.{}.attn.qkv", ["weight", "bias"]) | HEAD,
         "patt": patt | HEAD,
         "adapter": adapter | HEAD,
         "bapat": patt | adapter | HEAD,
@@ -45,7 +49,7 @@ def expected_trainable(method: str, base: set[str]) -> set[str]:
 def test_exact_trainable_keys_per_method(method):
     model = tiny_vit()
     base_names = set(dict(model.named_parameters()))
-    vpetl.inject(model, method)
+    vpetl.inject(model, method, **METHOD_OPTIONS.get(method, {}))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == expected_trainable(method, base_names)
     assert set(get_record(model).delta_names) == trainable

@@ -11,7 +11,7 @@ from torch import nn
 import vpetl
 from vpetl.record import get_record
 
-from conftest import tiny_vit
+from conftest import METHOD_OPTIONS, tiny_vit
 
 
 def _snapshot(model: nn.Module):
@@ -28,7 +28,7 @@ def test_unload_restores_keys_values_types_and_flags(method, images):
     model.blocks[0].attn.qkv.weight.requires_grad_(False)  # a flag the user had set
     state, types, flags = _snapshot(model)
     expected = model(images)
-    vpetl.inject(model, method, **({"zero_init": True} if method in ("patt", "bapat") else {}))
+    vpetl.inject(model, method, **({"zero_init": True} if method in ("patt", "bapat") else METHOD_OPTIONS.get(method, {})))
     model(images)
     assert vpetl.unload(model) is model
     new_state, new_types, new_flags = _snapshot(model)

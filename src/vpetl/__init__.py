@@ -3,13 +3,18 @@
 from .config import (
     Activation,
     AdapterConfig,
+    AdapterPlacement,
+    BranchDtype,
     InjectConfig,
     Kernel,
     LoraConfig,
-    METHODS,
     PattConfig,
-    preset,
+    PattVariant,
+    PrefixConfig,
+    PromptConfig,
+    TunePosition,
 )
+from .presets import METHODS, preset
 from .errors import (
     BaseWeightsWarning,
     ConfigError,
@@ -28,8 +33,8 @@ from .summary import Summary, summary
 __version__ = "0.1.0"
 
 __all__ = [
-    "Activation", "AdapterConfig", "BaseWeightsWarning", "ConfigError", "DeltaFileError",
+    "Activation", "AdapterConfig", "AdapterPlacement", "BaseWeightsWarning", "BranchDtype", "ConfigError", "DeltaFileError",
     "DeltaMismatchError", "InjectConfig", "InjectionError", "Kernel", "LoraConfig", "METHODS",
-    "MergeError", "PattConfig", "Summary", "VpetlError", "__version__", "delta_state_dict", "disabled", "inject",
+    "MergeError", "PattConfig", "PattVariant", "PrefixConfig", "PromptConfig", "Summary", "TunePosition", "VpetlError", "__version__", "delta_state_dict", "disabled", "inject",
     "load_delta", "merge", "preset", "save_delta", "summary", "unload", "verify",
 ]

@@ -7,7 +7,10 @@ so the projection output is never copied or concatenated.
 
 * :class:`PattBranch` (Eq. 9-10): ``h = act(x W_down^T + b_down)``, ``(M, r)``;
   slot ``p`` += ``s * (h W_up[p]^T + b_up[p])``. One branch per attention block, shared
-  by all positions (the hidden ``h`` is computed once per input).
+  by all positions (the hidden ``h`` is computed once per input). Table 6 variants:
+  ``no_input`` reads a learned ``P (T, d)`` instead of ``x`` (``h`` is ``(T, r)``, broadcast
+  over the batch and windows); ``concat`` returns ``s K_p``, ``s V_p`` from
+  :meth:`PattBranch.keys_values` for the attention to append along the token axis.
 * :class:`LoraBranch`: per position ``p`` a pair ``A_p (r, d_in)``, ``B_p (w, r)``;
   slot ``p`` += ``scale * (x A_p^T) B_p^T``. No bias; ``B`` zero-initialised.
 * :class:`AdapterBranch` (Eq. 6-7): ``s * (act(x W_down^T + b_down) W_up^T + b_up)``,
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels
-from .config import Activation, AdapterConfig, Kernel, LoraConfig, PattConfig
+from .config import Activation, AdapterConfig, AdapterPlacement, Kernel, LoraConfig, PattConfig, PattVariant
 
 if TYPE_CHECKING:
     from .projection import OutputSlots
@@ -45,10 +48,34 @@ class Branch(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._call_log: set | None = None  # set by vpetl.inject.record_calls while checking
+        self.keep_float32 = False  # InjectConfig.branch_dtype == "float32"
 
     def _mark_called(self) -> None:
         if self._call_log is not None:
             self._call_log.add(id(self))
+
+    def place(self, device: torch.device, dtype: torch.dtype, keep_float32: bool) -> "Branch":
+        """Move to ``device``; parameters in ``dtype`` (the base's), or fp32 for good with
+        ``keep_float32`` (later ``.half()`` / ``.to(torch.bfloat16)`` calls leave them fp32)."""
+        self.keep_float32 = keep_float32
+        return self.to(device=device, dtype=torch.float32 if keep_float32 else dtype)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
+        if not self.keep_float32:
+            return super()._apply(fn, recurse)
+
+        def stay_float32(t: Tensor) -> Tensor:
+            out = fn(t)
+            return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
+
+        return super()._apply(stay_float32, recurse)
+
+    def _input(self, x: Tensor, like: Tensor) -> Tensor:
+        """``x`` in the dtype of parameter ``like`` (fp32 branches on a half-precision base);
+        autocast casts by itself."""
+        if x.dtype == like.dtype or not x.is_floating_point() or torch.is_autocast_enabled(x.device.type):
+            return x
+        return x.to(like.dtype)
 
 
 class ProjectionBranch(Branch):
@@ -67,13 +94,23 @@ class ProjectionBranch(Branch):
         return None
 
 
-def _add_product_(slot: Tensor, h: Tensor, weight_t: Tensor, alpha: float) -> None:
-    """``slot += alpha * h @ weight_t`` in place; ``slot`` is ``(M, w)`` or ``(M, H, hd)``."""
+def _add_product_(slot: Tensor, h: Tensor, weight_t: Tensor, alpha: float | Tensor) -> None:
+    """``slot += alpha * h @ weight_t`` in place; ``slot`` is ``(M, w)`` or ``(M, H, hd)``.
+
+    ``h`` may have fewer rows ``T`` than ``slot`` (``M = B' * T``): then its product is
+    broadcast over the ``B'`` groups of ``T`` rows (PATT ``no_input``). ``alpha`` may be a
+    0-dim tensor (a learnable scale), which autograd differentiates.
+    """
     if h.dtype != slot.dtype:  # autocast runs the frozen projection in half precision
         h, weight_t = h.to(slot.dtype), weight_t.to(slot.dtype)
     elif weight_t.dtype != slot.dtype:
         weight_t = weight_t.to(slot.dtype)
-    if slot.dim() == 2:
+    if h.shape[0] != slot.shape[0]:
+        term = (h @ weight_t) * alpha
+        slot.view(-1, h.shape[0], *slot.shape[1:]).add_(term.view(h.shape[0], *slot.shape[1:]))
+    elif isinstance(alpha, Tensor):
+        slot.add_((h @ weight_t).view(slot.shape) * alpha.to(slot.dtype))
+    elif slot.dim() == 2:
         slot.addmm_(h, weight_t, alpha=alpha)
     else:
         slot.add_((h @ weight_t).view(slot.shape), alpha=alpha)
@@ -88,13 +125,22 @@ class PattBranch(ProjectionBranch):
     """
 
     kind = "patt"
+    placement = "append"  # where the ``concat`` variant's keys go (see vpetl.token_branches)
 
     def __init__(self, d_in: int, widths: Mapping[str, int], config: PattConfig, bias: bool, consumers: int = 1):
         super().__init__()
         self.positions = config.positions
+        self.variant = config.variant
         self.scale = config.scale
+        if config.learnable_scale:
+            self.learned_scale = nn.Parameter(torch.tensor(float(config.scale)))
+        else:
+            self.learned_scale = None
         self.activation = config.activation
         self.kernel = Kernel.AUTO  # set by inject from InjectConfig.kernel
+        if config.variant is PattVariant.NO_INPUT:  # P stands in for Z^{l-1}; init like a position embedding
+            self.tokens = nn.Parameter(torch.empty(config.tokens, d_in))
+            nn.init.normal_(self.tokens, std=0.02)
         self.down = nn.Linear(d_in, config.d_bottle, bias=bias)
         self.up = nn.Linear(config.d_bottle, sum(widths[c] for c in self.positions), bias=bias)
         if config.zero_init:
@@ -111,6 +157,14 @@ class PattBranch(ProjectionBranch):
         self._cache: tuple[Tensor, Tensor] | None = None
         self._calls = 0
 
+    @property
+    def fusable(self) -> bool:
+        """True when the branch is Eq. 9-10 with a fixed scale, which the fused kernels cover."""
+        return self.variant is PattVariant.ADD and self.learned_scale is None
+
+    def scale_value(self) -> float | Tensor:
+        return self.scale if self.learned_scale is None else self.learned_scale
+
     def set_consumers(self, count: int) -> None:
         """How many projections read ``h`` per forward (1 for a fused qkv, 2 for separate K, V)."""
         self._consumers = max(1, count)
@@ -124,13 +178,22 @@ class PattBranch(ProjectionBranch):
         same tensor; the cache is dropped once all consumers of one forward have run, so no
         activation outlives its attention call (q may read another input than k and v).
         """
+        if self.variant is PattVariant.NO_INPUT:
+            tokens = x.shape[-2] if x.dim() >= 2 else 1
+            if tokens != self.tokens.shape[0]:
+                raise RuntimeError(
+                    f"PATT variant 'no_input' was built for {self.tokens.shape[0]} tokens per attention call "
+                    f"(PattConfig.tokens) but this call has {tokens} (input shape {tuple(x.shape)}); inject again "
+                    f"with tokens={tokens}."
+                )
+            return ACTIVATIONS[self.activation](self.down(self.tokens))
         if self._consumers == 1:
-            return ACTIVATIONS[self.activation](self.down(x2d))
+            return ACTIVATIONS[self.activation](self.down(self._input(x2d, self.down.weight)))
         cache = self._cache
         if cache is not None and cache[0] is x:
             h = cache[1]
         else:
-            h = ACTIVATIONS[self.activation](self.down(x2d))
+            h = ACTIVATIONS[self.activation](self.down(self._input(x2d, self.down.weight)))
             self._cache = (x, h)
         self._calls += 1
         if self._calls >= self._consumers:
@@ -142,15 +205,28 @@ class PattBranch(ProjectionBranch):
         h = self.hidden(x, x2d)
         for letters in out.runs(self.positions):  # "kv" of a fused qkv: one (M, 2d) GEMM
             rows = slice(self._rows[letters[0]].start, self._rows[letters[-1]].stop)
-            _add_product_(out.view(letters), h, self.up.weight[rows].t(), self.scale)
+            _add_product_(out.view(letters), h, self.up.weight[rows].t(), self.scale_value())
+
+    def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Variant ``concat``: ``s K_p``, ``s V_p``, each ``(..., N, w)`` from ``x (..., N, d)``,
+        appended to K and V along the token axis by the attention handler."""
+        self._mark_called()
+        kv = self.up(ACTIVATIONS[self.activation](self.down(self._input(x, self.down.weight)))) * self.scale_value()
+        if kv.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            kv = kv.to(x.dtype)
+        return kv[..., self._rows["k"]], kv[..., self._rows["v"]]
 
     def bias_for(self, letter: str) -> Tensor | None:
         if self.up.bias is None or letter not in self._rows:
             return None
-        return self.up.bias[self._rows[letter]] * self.scale
+        return self.up.bias[self._rows[letter]] * self.scale_value()
 
     def extra_repr(self) -> str:
-        return f"positions={self.positions!r}, scale={self.scale}, activation={self.activation.value}"
+        learned = ", learnable_scale=True" if self.learned_scale is not None else ""
+        return (
+            f"positions={self.positions!r}, variant={self.variant.value}, scale={self.scale}{learned}, "
+            f"activation={self.activation.value}"
+        )
 
 
 class LoraBranch(ProjectionBranch):
@@ -182,7 +258,7 @@ class LoraBranch(ProjectionBranch):
         for c in self.positions:
             if c in out.letters:
                 pair = self.pair(c)
-                _add_product_(out.view(c), pair.down(x2d), pair.up.weight.t(), self.scale)
+                _add_product_(out.view(c), pair.down(self._input(x2d, pair.down.weight)), pair.up.weight.t(), self.scale)
 
     def delta_weight(self, letter: str) -> Tensor:
         """``scale * B A``, ``(w, d_in)``: what merging adds to the frozen weight's rows."""
@@ -201,6 +277,8 @@ class AdapterBranch(Branch):
     def __init__(self, d_in: int, config: AdapterConfig, d_out: int | None = None):
         super().__init__()
         self.scale = config.scale
+        self.placement = config.placement
+        self.learned_scale = nn.Parameter(torch.tensor(float(config.scale))) if config.learnable_scale else None
         self.activation = config.activation
         self.down = nn.Linear(d_in, config.d_bottle)
         self.up = nn.Linear(config.d_bottle, d_in if d_out is None else d_out)
@@ -210,17 +288,28 @@ class AdapterBranch(Branch):
         nn.init.zeros_(self.up.bias)
         self.kernel = Kernel.AUTO  # "triton" runs the fused Triton adapter; "auto" keeps torch for now
 
+    def scale_value(self) -> float | Tensor:
+        return self.scale if self.learned_scale is None else self.learned_scale
+
     def forward(self, x: Tensor) -> Tensor:
         self._mark_called()
-        return self.up(ACTIVATIONS[self.activation](self.down(x))) * self.scale
+        return self.up(ACTIVATIONS[self.activation](self.down(self._input(x, self.down.weight)))) * self.scale_value()
 
     def add_to(self, out: Tensor, x: Tensor) -> Tensor:
-        """``out + s * up(act(down(x)))`` with the scale and sum fused into one ``addmm``."""
+        """``out + s * up(act(down(x)))`` with the scale and sum fused into one ``addmm``.
+
+        ``x`` is the MLP's input; with sequential placement the adapter reads ``out``, the
+        MLP's output, instead (Eq. 7, second line)."""
         self._mark_called()
+        if self.placement is AdapterPlacement.SEQUENTIAL:
+            x = out
+        if self.learned_scale is not None:
+            h = ACTIVATIONS[self.activation](self.down(self._input(x, self.down.weight)))
+            return out + (self.up(h) * self.learned_scale).to(out.dtype)
         fused = self._fused_add(out, x)
         if fused is not None:
             return fused
-        h = ACTIVATIONS[self.activation](self.down(x))
+        h = ACTIVATIONS[self.activation](self.down(self._input(x, self.down.weight)))
         flat = out.reshape(-1, out.shape[-1])
         h2d = h.reshape(-1, h.shape[-1])
         if h2d.dtype != flat.dtype:
@@ -252,4 +341,5 @@ class AdapterBranch(Branch):
         return summed.view(out.shape)
 
     def extra_repr(self) -> str:
-        return f"scale={self.scale}, activation={self.activation.value}"
+        learned = ", learnable_scale=True" if self.learned_scale is not None else ""
+        return f"scale={self.scale}{learned}, activation={self.activation.value}, placement={self.placement.value}"

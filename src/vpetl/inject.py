@@ -21,15 +21,17 @@ import torch
 from torch import nn
 
 from .branches import AdapterBranch, Branch, LoraBranch, PattBranch
-from .config import InjectConfig, Kernel, preset
+from .config import BranchDtype, InjectConfig, Kernel, PattVariant
 from .errors import ConfigError, InjectionError, format_names
 from .handlers import HANDLERS, AttentionHandler
 from .handlers.fused_qkv import unsupported_reason
 from .handlers.mlp import locate_mlp
 from .heads import find_head_paths
 from .kernels import triton_available
+from .presets import OPTIONS, preset
 from .projection import BranchedLinear
 from .record import InjectionRecord, get_record, set_record
+from .token_branches import PrefixBranch
 
 PROJECTION_CHILD_NAMES = frozenset(
     {"qkv", "kv", "q", "k", "v", "query", "key", "value", "q_proj", "k_proj", "v_proj", "in_proj", "wq", "wk", "wv"}
@@ -49,32 +51,46 @@ def inject(
     *,
     d_bottle: int | None = None,
     scale: float | None = None,
-    positions: str | None = None,
+    positions: Any = None,
     train_head: bool = True,
-    zero_init: bool = False,
+    zero_init: bool | None = None,
     kernel: Kernel | str = "auto",
     strict: bool = True,
     example_input: Any = None,
+    **options: Any,
 ) -> nn.Module:
     """Add ``method``'s side branches to ``model`` in place, freeze the rest, return ``model``.
 
     Args:
-        method: "patt", "adapter", "bapat", "lora", "bitfit", "linear", "full", or an
-            ``InjectConfig`` for full control.
-        d_bottle: the one width knob (PATT bottleneck, adapter bottleneck, LoRA rank);
-            None is the paper default (patt/bapat 128, adapter 64, lora 16).
+        method: "patt", "adapter", "bapat", "lora", "prefix", "vpt", "tune", "bitfit",
+            "linear", "full", or an ``InjectConfig`` for full control.
+        d_bottle: the width knob (PATT / adapter / prefix bottleneck, LoRA rank); None is the
+            paper default (patt/bapat/prefix 128, adapter 64, lora 16).
         scale: the branch scale ``s`` (PATT 0.8, adapter 0.1, LoRA 1.0 by default).
-        positions: letters from "qkv" that PATT (default "kv") or LoRA (default "qv") adapt.
+        positions: letters from "qkv" that PATT (default "kv") or LoRA (default "qv") adapt;
+            for "tune", the Table 1 positions to unfreeze (e.g. ``["attn_qkv", "norm2"]``).
         train_head: also train the classification head, if the model has one.
         zero_init: zero-initialise PATT's up-projection (the model is unchanged at step 0).
         kernel: "auto", "torch" or "triton" implementation of the fused projections.
         strict: raise (True) or warn (False) when an attention module cannot be adapted.
         example_input: a model input (tensor or tuple of args) to check at once that every
             branch is called; without it the check runs on the first forward.
+        **options: method options of :func:`vpetl.preset`: ``length`` (prefix, vpt), ``deep``
+            (vpt), ``variant`` / ``tokens`` / ``learnable_scale`` (PATT), ``activation``,
+            ``placement`` (adapter: "parallel" or "sequential").
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"inject expects a torch.nn.Module; got {type(model).__name__}.")
-    config = _resolve_config(method, d_bottle, scale, positions, train_head, zero_init, kernel)
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ConfigError(
+            f"unknown inject option(s) {unknown}; accepted: {', '.join(sorted(OPTIONS))}, train_head, kernel, "
+            "strict, example_input."
+        )
+    config = _resolve_config(
+        method, dict(d_bottle=d_bottle, scale=scale, positions=positions, zero_init=zero_init, **options),
+        train_head, kernel,
+    )
     if get_record(model) is not None:
         raise InjectionError(
             f"this model is already injected (method {get_record(model).config.method!r}); "
@@ -90,9 +106,10 @@ def inject(
 
     record = InjectionRecord(config)
     try:
+        sites = _find_sites(model, strict) if (config.has_branches or config.tune) else []
         if config.has_branches:
-            _add_branches(model, config, record, strict)
-        _set_trainable(model, config, record)
+            _add_branches(model, sites, config, record, strict)
+        _set_trainable(model, config, record, sites)
     except BaseException:
         record.undo()
         raise
@@ -105,20 +122,16 @@ def inject(
     return model
 
 
-def _resolve_config(method, d_bottle, scale, positions, train_head, zero_init, kernel) -> InjectConfig:
+def _resolve_config(method: Any, options: dict[str, Any], train_head: bool, kernel: Any) -> InjectConfig:
     if isinstance(method, InjectConfig):
-        given = {"d_bottle": d_bottle, "scale": scale, "positions": positions}
-        clash = [k for k, v in given.items() if v is not None]
-        if clash or zero_init or train_head is not True or kernel != "auto":
+        clash = [k for k, v in options.items() if v is not None]
+        if clash or train_head is not True or kernel != "auto":
             raise ConfigError(
                 "pass either an InjectConfig or keyword options, not both; "
-                f"got an InjectConfig and {clash or 'train_head/zero_init/kernel'}."
+                f"got an InjectConfig and {clash or 'train_head/kernel'}."
             )
         return method
-    return preset(
-        method, d_bottle=d_bottle, scale=scale, positions=positions,
-        train_head=train_head, zero_init=zero_init, kernel=kernel,
-    )
+    return preset(method, train_head=train_head, kernel=kernel, **options)
 
 
 def find_attention(model: nn.Module) -> tuple[list[AttentionSite], list[tuple[str, nn.Module]]]:
@@ -163,7 +176,7 @@ def _looks_like_attention(module: nn.Module) -> bool:
     return bool(PROJECTION_CHILD_NAMES & set(module._modules)) or "in_proj_weight" in module._parameters
 
 
-def _add_branches(model: nn.Module, config: InjectConfig, record: InjectionRecord, strict: bool) -> None:
+def _find_sites(model: nn.Module, strict: bool) -> list[AttentionSite]:
     sites, unhandled = find_attention(model)
     if unhandled:
         listing = "; ".join(f"{p or '<root>'} ({type(m).__name__}): {_why_unhandled(m)}" for p, m in unhandled[:8])
@@ -181,11 +194,24 @@ def _add_branches(model: nn.Module, config: InjectConfig, record: InjectionRecor
             "children, nn.MultiheadAttention and torchvision window attention. For a model without "
             "attention use method 'linear', 'bitfit' or 'full'."
         )
-    projection_sites = sites if (config.patt or config.lora) else []
-    for site in projection_sites:
-        _add_projection_branches(site, config, record)
+    return sites
+
+
+def _add_branches(
+    model: nn.Module, sites: list[AttentionSite], config: InjectConfig, record: InjectionRecord, strict: bool
+) -> None:
+    if config.patt or config.lora or config.prefix:
+        for site in sites:
+            _add_projection_branches(site, config, record)
     if config.adapter is not None:
         _add_adapters(model, sites, config, record, strict)
+    if config.prompt is not None:
+        from .prompts import add_prompts
+
+        for path, branch in add_prompts(model, [s.path for s in sites], config.prompt, record).items():
+            ref = next(branch.parameters())
+            branch.place(ref.device, ref.dtype, _fp32(config))
+            record.branches[path] = branch
 
 
 def _add_projection_branches(site: AttentionSite, config: InjectConfig, record: InjectionRecord) -> None:
@@ -193,7 +219,13 @@ def _add_projection_branches(site: AttentionSite, config: InjectConfig, record: 
         spec = site.handler.spec(site.module)
     except InjectionError as error:
         raise InjectionError(f"{site.path or '<root>'}: {error}") from error
-    branches = []
+    branches, token_branches = [], []
+    if config.prefix is not None:
+        d_key, d_value = _key_value_widths(site, spec)
+        prefix = PrefixBranch(spec.d_in, d_key, d_value, config.prefix).place(spec.device, spec.dtype, _fp32(config))
+        record.add_module(site.module, "vpetl_prefix", prefix)
+        record.branches[_join(site.path, "vpetl_prefix")] = prefix
+        token_branches.append(prefix)
     for cfg, name in ((config.patt, "vpetl_patt"), (config.lora, "vpetl_lora")):
         if cfg is None:
             continue
@@ -210,12 +242,28 @@ def _add_projection_branches(site: AttentionSite, config: InjectConfig, record: 
             branch.kernel = config.kernel
         else:
             branch = LoraBranch(spec.d_in, widths, cfg)
-        branch.to(device=spec.device, dtype=spec.dtype)
+        branch.place(spec.device, spec.dtype, _fp32(config))
         record.add_module(site.module, name, branch)
         record.branches[_join(site.path, name)] = branch
-        branches.append(branch)
-    site.handler.wire(site.module, branches, record)
+        concat = name == "vpetl_patt" and cfg.variant is PattVariant.CONCAT
+        (token_branches if concat else branches).append(branch)
+    try:
+        if branches:
+            site.handler.wire(site.module, branches, record)
+        if token_branches:
+            site.handler.wire_extra_keys(site.module, token_branches, record)
+    except InjectionError as error:
+        raise InjectionError(f"{site.path or '<root>'}: {error}") from error
     record.sites.append((site.module, site.handler))
+
+
+def _key_value_widths(site: AttentionSite, spec: Any) -> tuple[int, int]:
+    if "k" not in spec.widths or "v" not in spec.widths:
+        raise InjectionError(
+            f"{site.path} ({type(site.module).__name__}) has no key and value projections to extend with "
+            f"prefix tokens; it has {''.join(spec.widths)}."
+        )
+    return spec.widths["k"], spec.widths["v"]
 
 
 def _add_adapters(
@@ -232,7 +280,7 @@ def _add_adapters(
             continue
         done.add(mlp_site.path)
         ref = next(mlp_site.module.parameters())
-        adapter = AdapterBranch(mlp_site.d_in, config.adapter, mlp_site.d_out).to(device=ref.device, dtype=ref.dtype)
+        adapter = AdapterBranch(mlp_site.d_in, config.adapter, mlp_site.d_out).place(ref.device, ref.dtype, _fp32(config))
         adapter.kernel = config.kernel
         mlp_site.wire(adapter, record)
         record.branches[_join(mlp_site.path, "vpetl_adapter")] = adapter
@@ -248,10 +296,14 @@ def _add_adapters(
         warnings.warn(message, stacklevel=4)
 
 
-def _set_trainable(model: nn.Module, config: InjectConfig, record: InjectionRecord) -> None:
+def _set_trainable(model: nn.Module, config: InjectConfig, record: InjectionRecord, sites: list[AttentionSite]) -> None:
     record.remember_requires_grad(model)
     record.head_paths = find_head_paths(model)
     branch_params = {id(p) for b in record.branches.values() for p in b.parameters()}
+    if config.tune:
+        from .tune import tune_parameters
+
+        branch_params |= {id(p) for p in tune_parameters(model, [(s.path, s.module) for s in sites], config.tune)}
     head_prefixes = tuple(p + "." for p in record.head_paths) if config.train_head else ()
     trainable = []
     for name, param in model.named_parameters():
@@ -265,6 +317,10 @@ def _set_trainable(model: nn.Module, config: InjectConfig, record: InjectionReco
         if train:
             trainable.append(name)
     record.delta_names = tuple(trainable)
+
+
+def _fp32(config: InjectConfig) -> bool:
+    return config.branch_dtype is BranchDtype.FLOAT32
 
 
 def _join(path: str, name: str) -> str:

@@ -106,7 +106,7 @@ def project(
     one ``h``, several branches) takes :func:`project_generic`.
     """
     x2d = x.reshape(-1, x.shape[-1])
-    if len(branches) == 1 and branches[0].kind == "patt":
+    if len(branches) == 1 and branches[0].kind == "patt" and branches[0].fusable:
         fused = _single_patt(x2d, weight, bias, layout, branches[0])
         if fused is not None:
             return fused.view(*x.shape[:-1], weight.shape[0])
@@ -264,7 +264,7 @@ def _folded_bias(
         piece = bias[i * w : (i + 1) * w]
         for letter, term in extras:
             if letter == c:
-                piece = piece + term
+                piece = piece + term.to(piece.dtype)
         pieces.append(piece)
     return torch.cat(pieces), []
 

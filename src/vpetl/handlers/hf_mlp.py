@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ..branches import AdapterBranch
+from ..config import AdapterPlacement
 from ..errors import InjectionError
 from ..record import InjectionRecord
 from .mlp import MLP_LOCATORS, MlpSite
@@ -98,6 +99,12 @@ class SplitMlpSite(MlpSite):
 
     def wire(self, adapter: AdapterBranch, record: InjectionRecord) -> None:
         assert self.intermediate is not None and self.output is not None
+        if adapter.placement is AdapterPlacement.SEQUENTIAL:
+            raise InjectionError(
+                f"{self.path}: the sequential adapter reads the MLP's output, but {type(self.output).__name__} "
+                "returns it already summed with the residual, so vpetl cannot take it apart; use "
+                "placement='parallel' (the paper's default) on this model."
+            )
         record.add_module(self.module, "vpetl_adapter", adapter)
         link = MlpInputLink(adapter)
         record.set_attr(self.intermediate, LINK_ATTR, link)
