@@ -7,11 +7,14 @@ model it measures, in one run:
 * training step time (forward + cross-entropy + backward + AdamW step) relative to full
   fine-tuning: every repetition runs one step of every method in a rotating order, and the
   reported figure is the median over repetitions of (method time / full time in the same
-  repetition), because on shared machines ratios hold and absolute times do not;
+  repetition), because on shared machines ratios hold and absolute times do not. On CPU
+  the default is one torch thread timed by its CPU time (``time.thread_time``), which time
+  slices taken by other processes do not inflate; on CUDA, synchronised wall-clock time;
 * the FLOP-ideal of that ratio, counted with torch's FLOP counter on one training step
-  (matmul/conv/attention FLOPs, forward + backward, batch 1 on the meta device);
+  (matmul/conv/attention FLOPs, forward + backward, batch 1 on CPU tensors);
 * peak memory of a training step, measured in a fresh process per method (forked from a
-  forkserver that has only imported the libraries) so methods do not pollute each other: on CUDA ``torch.cuda.max_memory_allocated`` (weights included), on CPU
+  forkserver that has only imported the libraries) so methods do not pollute each other:
+  on CUDA ``torch.cuda.max_memory_allocated`` (weights included), on CPU
   the peak resident set size (Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` after
   the model, optimizer and inputs are built) minus the resident size at that point, i.e. the
   memory the step adds: gradients, AdamW state, saved activations and temporaries;
@@ -20,8 +23,11 @@ model it measures, in one run:
   the time of ``vpetl.inject`` / ``vpetl.load_delta`` (PEFT: ``get_peft_model`` /
   ``PeftModel.from_pretrained``; its delta is ``adapter_model.safetensors`` + config).
 
+The README targets (``TARGETS``) are timed again at the end in a tight interleaving of only
+the methods they name (``--target-repeats`` rounds) and reported pass/miss.
+
 Usage:
-    python benchmarks/train_step.py                                  # CPU set (~15 min on 2 cores)
+    python benchmarks/train_step.py                                  # CPU set (~15-25 min on 2 shared cores)
     python benchmarks/train_step.py --big --device cuda --amp bf16   # GPU set: ViT-B/16 b64, Swin3D-B 8 frames
     python benchmarks/train_step.py --models vit_small_patch16_224 --repeats 3   # one model, quicker
 
@@ -46,7 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -244,8 +250,9 @@ def _addmm_inplace_flop(self_shape, a_shape, b_shape, *args, out_shape=None, **k
     return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
 
-def step_flops(base: nn.Module, method: Method, spec: ModelSpec) -> int:
-    """Matmul/conv/attention FLOPs of one training step (forward + backward) at batch 1.
+def step_flops(base: nn.Module, method: Method | None, spec: ModelSpec, train: bool = True) -> int:
+    """Matmul/conv/attention FLOPs of one training step (forward + backward) at batch 1, or
+    with ``train=False`` of one eval forward (``method=None``: the un-injected base).
 
     Counted on CPU tensors for every method and device, so that every branch runs as plain
     torch ops the counter can see (a Triton kernel is opaque to it) and attention is counted
@@ -254,11 +261,16 @@ def step_flops(base: nn.Module, method: Method, spec: ModelSpec) -> int:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = build_method(copy.deepcopy(base).cpu(), method)
+    model = copy.deepcopy(base).cpu()
+    model = build_method(model, method) if method is not None else model
     x, y = spec.inputs("cpu", batch=1)
     counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_inplace_flop})
-    with counter:
-        F.cross_entropy(model(x), y).backward()
+    if train:
+        with counter:
+            F.cross_entropy(model.train()(x), y).backward()
+    else:
+        with counter, torch.no_grad():
+            model.eval()(x)
     return counter.get_total_flops()
 
 
@@ -433,8 +445,9 @@ def time_training(models, opts, spec, args, bar) -> Times:
     return _interleaved(list(models), args.repeats, step, args.device, bar)
 
 
-def time_inference(models, spec, args, bar) -> Times:
-    """One warm-up forward each, then ``repeats`` interleaved rounds (eval, inference mode)."""
+def time_inference(models, spec, args, bar, repeats: int | None = None) -> Times:
+    """One warm-up forward each, then ``repeats`` (default ``--repeats``) interleaved rounds
+    (eval, inference mode)."""
     x, _ = spec.inputs(args.device)
     for model in models.values():
         model.eval()
@@ -442,7 +455,8 @@ def time_inference(models, spec, args, bar) -> Times:
         for model in models.values():
             model(x)
             bar.update()
-        return _interleaved(list(models), args.repeats, lambda label: models[label](x), args.device, bar)
+        rounds = args.repeats if repeats is None else repeats
+        return _interleaved(list(models), rounds, lambda label: models[label](x), args.device, bar)
 
 
 def clock(args: argparse.Namespace) -> str:
@@ -532,6 +546,9 @@ def run_model(spec: ModelSpec, methods: list[Method], args: argparse.Namespace, 
 
     # 3. FLOP-ideal ratios (meta device, instant)
     flops = {m.label: step_flops(base, m, spec) for m in active}
+    base_forward_flops = step_flops(base, None, spec, train=False)
+    infer_flops = {m.label: step_flops(base, m, spec, train=False) / base_forward_flops
+                   for m in active if m.has_branches}
 
     # 4. interleaved training steps
     bar.set_description(f"{spec.name}: train steps")
@@ -593,6 +610,7 @@ def run_model(spec: ModelSpec, methods: list[Method], args: argparse.Namespace, 
             "mem_ratio": memory[label][mem_key] / full_mem[mem_key],
             "infer_ratio": median_ratio(infers[label], infers["base"]) if infer else None,
             "infer_ratio_spread": _spread(infers[label], infers["base"]) if infer else None,
+            "infer_flop_ratio": infer_flops.get(label),
             "infer_ratio_wall": median_ratio(infer_times[label]["wall"], infer_times["base"]["wall"]) if infer else None,
             "delta_bytes": io[label]["delta_bytes"],
             "delta_ratio": io[label]["delta_bytes"] / result["full_checkpoint"]["bytes"],
@@ -656,7 +674,7 @@ def focused_targets(spec, args, base, models, bar) -> dict[str, Any] | None:
         out["lora_vs_peft_step"] = median_ratio(steps["lora-16"], steps["peft-lora-16"])
         out["lora_vs_peft_step_spread"] = _spread(steps["lora-16"], steps["peft-lora-16"])
     if len(infer) > 1:
-        infer_times = time_inference({"base": base, **{m: models[m] for m in infer[1:]}}, spec, args, bar)
+        infer_times = time_inference({"base": base, **{m: models[m] for m in infer[1:]}}, spec, args, bar, repeats=n)
         out["infer_ratio"] = {m: median_ratio(infer_times[m][timer], infer_times["base"][timer]) for m in infer[1:]}
         out["infer_ratio_spread"] = {m: _spread(infer_times[m][timer], infer_times["base"][timer]) for m in infer[1:]}
     out["raw_times_s"] = {"train": times, **({"inference": infer_times} if len(infer) > 1 else {})}
@@ -690,7 +708,7 @@ def check_targets(spec: ModelSpec, args: argparse.Namespace, result: dict[str, A
             continue
         out.append({"target": target.describe(), "limit": target.limit, "measured": value, "spread": spread,
                     "sweep": sweep[0], "source": source,
-                    "flop_ideal": row["flop_ratio"] if target.metric == "step" else None,
+                    "flop_ideal": {"step": row["flop_ratio"], "infer": row.get("infer_flop_ratio")}.get(target.metric),
                     "pass": value <= target.limit})
     return out
 
@@ -719,7 +737,7 @@ def metadata(args: argparse.Namespace) -> dict[str, Any]:
         "vpetl_kernel_env": os.environ.get("VPETL_KERNEL"),
         "optimizer": "torch.optim.AdamW(lr=1e-4), torch defaults for the device",
         "loss": "cross_entropy over random labels, num_classes=10",
-        "command": "python benchmarks/train_step.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python benchmarks/train_step.py", *sys.argv[1:]]),
         **git_state(),
     }
 
@@ -758,7 +776,7 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
            "wall-clock times and ratios are in the JSON. "
            if meta.get("clock") == "cpu" else "Times are wall-clock" + (", CUDA-synchronised. " if cuda else ". "))
         + "FLOPs / full: matmul, conv and attention FLOPs of one step from torch's FLOP counter (the ideal "
-        "the step ratio would reach if time followed FLOPs). Memory: "
+        "the step ratio would reach if time followed FLOPs); infer FLOPs / base: the same for one eval forward. Memory: "
         + ("`torch.cuda.max_memory_allocated` of two training steps, weights included, one process per method."
            if cuda else
            "peak RSS increase during two training steps over the RSS after building model, optimizer and inputs "
@@ -768,6 +786,8 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
         "Delta: the saved file (vpetl `save_delta`; PEFT `adapter_model.safetensors` + `adapter_config.json`) "
         "vs the full safetensors checkpoint.",
     ]
+    if meta.get("note"):
+        lines += ["", f"Note: {meta['note']}."]
     for name, res in results.items():
         s = res["settings"]
         ct, ci = res["contention_train"], res["contention_inference"]
@@ -783,8 +803,8 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
             "",
             f"| method | trainable | % | step ms{' (CPU)' if res.get('clock') == 'cpu' else ''} | step / full [min-max] | FLOPs / full | "
             + ("peak MB | mem / full" if cuda else "step mem MB | mem / full")
-            + " | infer / base | delta MB | delta / ckpt | inject ms | load ms |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            + " | infer / base [min-max] | infer FLOPs / base | delta MB | delta / ckpt | inject ms | load ms |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in res["rows"]:
             infer = "= base" if r["infer_ratio"] is None else f"{r['infer_ratio']:.3f}"
@@ -795,7 +815,7 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['method']} | {r['trainable']:,} | {r['trainable_pct']:.2f} | {r['step_ms']:.0f} | "
                 f"{r['step_ratio']:.3f} [{lo:.2f}-{hi:.2f}] | {r['flop_ratio']:.3f} | {mem:.0f} | {r['mem_ratio']:.3f} | "
-                f"{infer} | {_mb(r['delta_bytes'])} | {r['delta_ratio']:.4f} | {r['inject_ms']:.1f} | {r['load_ms']:.1f} |"
+                f"{infer} | {'-' if r.get('infer_flop_ratio') is None else format(r['infer_flop_ratio'], '.3f')} | {_mb(r['delta_bytes'])} | {r['delta_ratio']:.4f} | {r['inject_ms']:.1f} | {r['load_ms']:.1f} |"
             )
         for skip in res["skipped"]:
             lines += ["", f"Skipped **{skip['method']}**: {skip['reason']}."]
@@ -826,17 +846,25 @@ def plot(results: dict[str, Any], meta: dict[str, Any], path: Path) -> None:
     mem_title = "peak memory / full" if meta["device"].startswith("cuda") else "step memory (RSS increase) / full"
     fig, axes = plt.subplots(2, len(names), figsize=(6.5 * len(names), 8), squeeze=False)
     colours = {"full": "black", "linear": "grey", "bitfit": "tab:brown", "peft-lora-16": "tab:red",
-               "lora-16": "tab:orange", "adapter-64": "tab:green"}
+               "lora-16": "tab:orange", "adapter-64": "tab:green", "patt": "tab:blue", "bapat": "tab:purple"}
     for col, name in enumerate(names):
         rows = results[name]["rows"]
         for row_i, (key, title) in enumerate((("step_ratio", "training step / full"), ("mem_ratio", mem_title))):
             ax = axes[row_i][col]
+            seen: set[str] = set()
             for r in rows:
-                colour = colours.get(r["method"], "tab:blue" if r["method"].startswith("patt") else "tab:purple")
-                ax.scatter(r["trainable"], r[key], color=colour, zorder=3)
-                ax.annotate(r["method"], (r["trainable"], r[key]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+                family, _, width = r["method"].partition("-")
+                group = family if family in ("patt", "bapat") else r["method"]
+                colour = colours.get(group, "tab:cyan")
+                ax.scatter(r["trainable"], r[key], color=colour, zorder=3,
+                           label=(group + ("-r" if group in ("patt", "bapat") else "")) if group not in seen else None)
+                seen.add(group)
+                if group in ("patt", "bapat"):  # the width only, patt above and bapat below the point
+                    ax.annotate(width, (r["trainable"], r[key]), fontsize=7, color=colour, ha="center",
+                                xytext=(0, 6 if group == "patt" else -11), textcoords="offset points")
                 if key == "step_ratio":
                     ax.scatter(r["trainable"], r["flop_ratio"], facecolors="none", edgecolors=colour, zorder=2)
+            ax.legend(fontsize=7, loc="lower right", ncol=2)
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_ylim(0, 1.1)
