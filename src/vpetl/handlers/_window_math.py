@@ -21,6 +21,12 @@ The computation, for the ``B * nW`` windows ``X`` of ``N`` tokens each::
     Y   = dropout(softmax(A)) V -> (B*nW, N, C) -> proj -> dropout
     y   <- reverse partition, roll by +s, crop to S
 
+Extra keys (prefix-tuning, PATT ``concat``; :mod:`vpetl.handlers._extra_keys`) join K and V
+per window after the projection: ``K' = [P_k | K | s K_p]`` ``(B*nW, H, N', hd)`` with
+``keys_values(X)`` read from the window tokens ``X``; ``R`` is padded with 0 for them and ``M``
+with 0 for prefix keys and the source token's column for appended keys (``(nW, N, N')``).
+SwinV2's cosine attention normalises the extra keys like the others.
+
 ``M[w, i, j] = -100`` when tokens ``i`` and ``j`` of window ``w`` came from different
 regions before the cyclic shift (they are not neighbours in the image), else 0. A shifted
 axis of padded length ``P`` has three regions, ``[0, P-w)``, ``[P-w, P-s)`` and ``[P-s, P)``;
@@ -38,6 +44,7 @@ from torch import Tensor, nn
 
 from ..branches import ProjectionBranch
 from ..projection import SlotLayout, project
+from ._extra_keys import extend_bias, extend_keys, extend_mask
 
 QKV_LAYOUT = SlotLayout("qkv")
 MASK_VALUE = -100.0  # what the Swin papers' code uses (a finite "minus infinity")
@@ -118,6 +125,7 @@ def window_attention(
     shift: Sequence[int],
     num_heads: int,
     branches: Sequence[ProjectionBranch] = (),
+    extra_kv: Sequence[nn.Module] = (),
     logit_scale: Tensor | None = None,
     attention_dropout: float = 0.0,
     dropout: float = 0.0,
@@ -131,6 +139,8 @@ def window_attention(
         proj: the output projection, called as a module.
         relative_position_bias: ``R``, broadcastable to ``(B*nW, H, N, N)`` (usually ``(1, H, N, N)``).
         window, shift: per spatial axis, already adjusted to the input (a shift of 0 = no shift).
+        extra_kv: token-axis branches (``placement``, ``keys_values``) whose keys and values
+            are concatenated to each window's K and V; ``keys_values`` reads ``X (B*nW, N, C)``.
         logit_scale: ``tau`` ``(H, 1, 1)`` for cosine attention (SwinV2); None for dot-product.
     """
     batch, sizes, channels = x.shape[0], tuple(x.shape[1:-1]), x.shape[-1]
@@ -151,6 +161,11 @@ def window_attention(
 
     qkv = project(windows, qkv_weight, qkv_bias, QKV_LAYOUT, list(branches))  # (B*nW, N, 3C)
     q, k, v = qkv.view(count, tokens, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    layout = None
+    if extra_kv:
+        k, v, layout = extend_keys(k, v, windows, windows, extra_kv)
+        relative_position_bias = extend_bias(relative_position_bias, layout)
+    keys = k.shape[-2]
     if logit_scale is None:
         attn = (q * head_dim**-0.5) @ k.transpose(-2, -1)
     else:
@@ -159,9 +174,11 @@ def window_attention(
     attn = attn + relative_position_bias
     if shifted:
         mask = shift_mask(padded, window, shift, attn)  # (nW, N, N)
+        if layout is not None:
+            mask = extend_mask(mask, layout, allowed=0.0)  # (nW, N, N')
         per_sample = count // batch
-        attn = (attn.view(batch, per_sample, num_heads, tokens, tokens) + mask[None, :, None]).view(
-            count, num_heads, tokens, tokens
+        attn = (attn.view(batch, per_sample, num_heads, tokens, keys) + mask[None, :, None]).view(
+            count, num_heads, tokens, keys
         )
     attn = F.dropout(F.softmax(attn, dim=-1), p=attention_dropout, training=training)
 

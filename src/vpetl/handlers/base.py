@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..branches import PattBranch, ProjectionBranch
-from ..errors import MergeError
+from ..errors import InjectionError, MergeError
 from ..projection import BranchedLinear, SlotLayout
 from ..record import InjectionRecord
 
@@ -47,6 +47,16 @@ class AttentionHandler(ABC):
     @abstractmethod
     def wire(self, module: nn.Module, branches: list[ProjectionBranch], record: InjectionRecord) -> None:
         """Make ``module``'s forward add every branch into its q/k/v; log changes in ``record``."""
+
+    def wire_extra_keys(self, module: nn.Module, branches: list, record: InjectionRecord) -> None:
+        """Make ``module``'s attention concatenate every branch's ``keys_values`` to K and V
+        along the token axis (:mod:`vpetl.token_branches`); log changes in ``record``."""
+        raise InjectionError(
+            f"{type(module).__name__} (handler {self.name!r}) cannot take extra key/value tokens, which "
+            "prefix-tuning and PATT variant 'concat' need: vpetl adds them where it owns the attention math "
+            "(timm VisionTransformer attention, nn.MultiheadAttention, torchvision Swin/Swin3D window "
+            "attention). Use PATT (variant 'add'), LoRA or the adapter on this model."
+        )
 
     def weight_rows(self, module: nn.Module, letter: str) -> torch.Tensor:
         """A view of the frozen weight rows producing position ``letter`` (``(w, d_in)`` or

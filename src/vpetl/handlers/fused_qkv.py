@@ -17,6 +17,10 @@ nothing special                        ``[3, H, hd]``              most (ViT, Sw
 
 A refused module is not matched, so the walker reports it (path and class) as an attention
 module vpetl cannot adapt; :func:`unsupported_reason` says why.
+
+Extra key/value tokens (prefix-tuning, PATT ``concat``) need the attention math, not just the
+projection: :meth:`FusedQkvHandler.wire_extra_keys` swaps timm's own ``Attention`` for the
+subclass of :mod:`vpetl.handlers.timm_attention` and refuses every other class here.
 """
 
 from __future__ import annotations
@@ -25,8 +29,11 @@ from dataclasses import replace
 
 from torch import nn
 
+from ..errors import InjectionError
 from ..projection import SlotLayout, adoptable
 from ..record import InjectionRecord
+from . import timm_attention
+from ._extra_keys import EXTRA_KV_ATTR
 from .base import LinearProjections, ProjectionSpec
 
 
@@ -99,3 +106,29 @@ class FusedQkvHandler(LinearProjections):
         if getattr(module, "q_bias", None) is not None and hasattr(module, "qkv_bias_separate"):
             record.set_attr(module, "qkv_bias_separate", True)
         super().wire(module, branches, record)
+
+    def wire_extra_keys(self, module, branches, record: InjectionRecord) -> None:
+        """Prefix / PATT ``concat`` keys: only timm's ``Attention`` (whose forward vpetl
+        reproduces, :mod:`vpetl.handlers.timm_attention`) gets its class swapped; the branches
+        are kept in the plain attribute ``_vpetl_extra_kv``."""
+        cls = type(module)
+        if timm_attention.is_adapted(module):
+            raise InjectionError(
+                f"{cls.__name__} already has extra key/value tokens from vpetl; call vpetl.unload(model) first."
+            )
+        if not timm_attention.supports(cls):
+            base = timm_attention.timm_attention_class()
+            why = (
+                "it subclasses timm's Attention but overrides forward, so vpetl cannot know where its keys are"
+                if base is not None and issubclass(cls, base)
+                else "vpetl only sees its qkv Linear, not the attention math where extra keys must join"
+            )
+            raise InjectionError(
+                f"{cls.__name__} (from {cls.__module__}) cannot take extra key/value tokens, which prefix-tuning "
+                f"and PATT variant 'concat' need: {why}. Supported: timm.layers.Attention (timm ViT, DeiT, DINOv2, "
+                "CLIP/SigLIP ViTs) and subclasses keeping its forward, nn.MultiheadAttention / "
+                "nn.TransformerEncoderLayer (torchvision ViT), torchvision Swin/SwinV2/Swin3D window attention. "
+                "On this model use PATT (variant 'add'), LoRA or the adapter."
+            )
+        record.set_attr(module, EXTRA_KV_ATTR, tuple(branches))
+        record.swap_class(module, timm_attention.extra_keys_class(cls))

@@ -28,6 +28,19 @@ now fire. Not supported: ``kdim``/``vdim`` different from ``embed_dim`` (separat
 ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` of different input widths; one PATT
 down-projection cannot read all of them) -- :class:`~vpetl.errors.InjectionError`.
 
+Prefix-tuning and PATT ``concat`` (:mod:`vpetl.handlers._extra_keys`) extend K and V along
+the token axis after the head split, before ``add_bias_kv``'s and ``add_zero_attn``'s tokens::
+
+    K' = [P_k | K | s K_p],  V' = [P_v | V | s V_p]          (N, H, S', E/H)
+
+``P`` (prefix, ``L`` keys shared by the batch) is prepended; ``s K_p`` (one key per key-input
+token, computed from ``key``, and ``s V_p`` from ``value``) is appended. ``attn_mask`` and
+``key_padding_mask`` are extended to ``S'`` columns: allowed (0 / ``False``) for the prefix
+keys, the source token's column for appended keys (a padded token's extra key is masked too).
+``is_causal`` is then applied through that extended mask, not SDPA's flag. With
+``need_weights`` the returned weights cover all ``S'`` keys in that order (prefix keys first,
+the input's keys, then the appended ones), ``(N, L, S')`` or ``(N, H, L, S')``.
+
 Self-attention (``query is key is value``) is one projection with slots ``qkv``. For
 cross-attention each distinct input is projected with its rows of ``in_proj_weight`` (``q``
 alone, and ``kv`` fused when ``key is value``), so branches still add into K and V, and PATT's
@@ -71,6 +84,7 @@ from ..errors import InjectionError
 from ..projection import SlotLayout, project
 from ..record import InjectionRecord
 from ._attention_math import additive_mask, attend, causal_mask, merge_masks, renest, unnest
+from ._extra_keys import EXTRA_KV_ATTR, extend_keys, extend_mask
 from .base import AttentionHandler, ProjectionSpec
 from .mlp import MLP_LOCATORS, MlpSite
 
@@ -105,6 +119,7 @@ class _BranchedAttention:
             )
         q, k, v = (self._split_heads(t, batched) for t in self._project_qkv(query, key, value))
         batch, heads, length, source_length = q.shape[0], self.num_heads, q.shape[2], k.shape[2]
+        extra_kv = self.__dict__.get(EXTRA_KV_ATTR, ())
 
         padding = additive_mask(key_padding_mask, q.dtype)
         if padding is not None and not batched:
@@ -112,12 +127,19 @@ class _BranchedAttention:
         mask = additive_mask(attn_mask, q.dtype)
         # As nn.MultiheadAttention: the is_causal hint replaces the mask only when SDPA can
         # apply it alone (no padding mask, no weights wanted); otherwise the mask is used.
-        sdpa_causal = is_causal and padding is None and not need_weights
+        sdpa_causal = is_causal and padding is None and not need_weights and not extra_kv
         if sdpa_causal:
             mask = None
         elif is_causal and mask is None:
             mask = causal_mask(length, source_length, q.dtype, q.device)
 
+        if extra_kv:  # prefix / PATT concat keys, before add_bias_kv's and add_zero_attn's
+            k, v, layout = extend_keys(
+                k, v, self._batch_major(key, batched), self._batch_major(value, batched), extra_kv
+            )
+            mask = None if mask is None else extend_mask(mask, layout, allowed=0.0)
+            padding = None if padding is None else extend_mask(padding, layout, allowed=0.0)
+            source_length = layout.total
         k, v, extra = self._extra_keys(k, v)
         if extra:
             mask = None if mask is None else _pad_last(mask, extra)
@@ -165,6 +187,12 @@ class _BranchedAttention:
             outputs.extend(projected.split(width, dim=-1))
         return outputs
 
+    def _batch_major(self, t: Tensor, batched: bool) -> Tensor:
+        """An input ``(N, T, E)`` / ``(T, N, E)`` / ``(T, E)`` as ``(N, T, E)`` (a view)."""
+        if not batched:
+            return t.unsqueeze(0)
+        return t if self.batch_first else t.transpose(0, 1)
+
     def _split_heads(self, t: Tensor, batched: bool) -> Tensor:
         """``(N, T, E)`` / ``(T, N, E)`` / ``(T, E)`` -> ``(N, H, T, E/H)`` (a view where possible)."""
         if not batched:
@@ -188,7 +216,8 @@ class _BranchedAttention:
         return k, v, extra
 
     def extra_repr(self) -> str:
-        kinds = ", ".join(b.kind for b in getattr(self, BRANCHES_ATTR, ()))
+        branches = (*getattr(self, BRANCHES_ATTR, ()), *self.__dict__.get(EXTRA_KV_ATTR, ()))
+        kinds = ", ".join(b.kind for b in branches)
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, branches=[{kinds}]"
 
     def _nested_forward(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal):
@@ -400,6 +429,17 @@ class MultiheadAttentionHandler(AttentionHandler):
                 branch.set_consumers(1)  # each projection call reads its own input's h
         record.swap_class(attn, attention_class(type(attn)))
         record.set_attr(attn, BRANCHES_ATTR, tuple(branches))
+        if module is not attn:
+            _ensure_layer_class(module, record)
+
+    def wire_extra_keys(self, module: nn.Module, branches: list, record: InjectionRecord) -> None:
+        """Prefix / PATT ``concat`` keys joined to K and V per head (module docs); the class is
+        swapped unless :meth:`wire` already did, the branches go in ``_vpetl_extra_kv``."""
+        attn = _attention_of(module)
+        check_supported(attn)
+        if not isinstance(attn, _BranchedAttention):
+            record.swap_class(attn, attention_class(type(attn)))
+        record.set_attr(attn, EXTRA_KV_ATTR, tuple(branches))
         if module is not attn:
             _ensure_layer_class(module, record)
 

@@ -19,9 +19,15 @@ into the projection's slots (Eq. 10)::
 PATT and LoRA read the same windowed, zero-padded tokens ``X`` as the frozen projection
 (as the paper's reference code does, where the branch sits inside the window attention).
 
-The module keeps its Parameters, buffers and state-dict keys; only ``__class__`` and one
-plain attribute (``_vpetl_branches``, the branches in call order) change, both logged in the
-injection record so ``vpetl.unload`` restores the torchvision class exactly.
+Prefix-tuning and PATT ``concat`` add keys and values along the token axis instead
+(:meth:`WindowAttentionHandler.wire_extra_keys`): ``K' = [P_k | K | s K_p]`` per window, the
+relative-position bias padded with 0 and the shift mask with 0 (prefix) or the source
+token's column (appended keys), see :mod:`vpetl.handlers._window_math`.
+
+The module keeps its Parameters, buffers and state-dict keys; only ``__class__`` and plain
+attributes (``_vpetl_branches``, the branches in call order; ``_vpetl_extra_kv``, the
+token-axis branches) change, all logged in the injection record so ``vpetl.unload`` restores
+the torchvision class exactly.
 
 Variants, each matching its torchvision original to float rounding when the branches add
 nothing:
@@ -47,6 +53,7 @@ from torch import Tensor, nn
 from ..branches import ProjectionBranch
 from ..errors import InjectionError
 from ..record import InjectionRecord
+from ._extra_keys import EXTRA_KV_ATTR
 from ._window_math import QKV_LAYOUT, window_attention
 from .base import AttentionHandler, ProjectionSpec
 
@@ -150,6 +157,7 @@ def _forward(self: nn.Module, x: Tensor) -> Tensor:
         shift=shift,
         num_heads=self.num_heads,
         branches=self.__dict__.get(BRANCHES_ATTR, ()),
+        extra_kv=self.__dict__.get(EXTRA_KV_ATTR, ()),
         logit_scale=self.logit_scale if variant.cosine else None,
         attention_dropout=self.attention_dropout,
         dropout=self.dropout,
@@ -272,6 +280,15 @@ class WindowAttentionHandler(AttentionHandler):
                 branch.set_consumers(1)  # one fused projection reads the hidden h
         record.set_attr(module, BRANCHES_ATTR, tuple(branches))
         record.swap_class(module, branched_class(type(module)))
+
+    def wire_extra_keys(self, module: nn.Module, branches: list, record: InjectionRecord) -> None:
+        """Prefix / PATT ``concat`` keys joined to every window's K and V (bias and shift mask
+        padded, see :mod:`vpetl.handlers._window_math`); the class is swapped unless
+        :meth:`wire` already did, the branches go in the plain attribute ``_vpetl_extra_kv``."""
+        if type(module) not in _BRANCHED_CLASSES.values():
+            self._check(module)
+            record.swap_class(module, branched_class(type(module)))
+        record.set_attr(module, EXTRA_KV_ATTR, tuple(branches))
 
     def weight_rows(self, module: nn.Module, letter: str) -> Tensor:
         """Rows of ``qkv.weight`` producing ``letter`` (``(C, C)`` view), for ``vpetl.merge``."""

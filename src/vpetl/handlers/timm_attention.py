@@ -1,0 +1,133 @@
+"""timm's ``Attention`` (ViT, DeiT, DeiT III, DINOv2, CLIP/SigLIP ViTs ...) with extra keys and
+values along the token axis (prefix-tuning, PATT variant ``concat``).
+
+The fused-qkv handler adapts timm's attention through its ``qkv`` Linear alone (PATT ``add``
+and LoRA add into the projection's output). Extra *tokens* change the attention itself, so
+for them the module's class is swapped for a subclass whose forward is timm 1.0.31's
+``Attention.forward`` with the keys and values extended (:mod:`vpetl.handlers._extra_keys`)::
+
+    [Q | K | V] = qkv(x)                          (B, N, 3*H*hd) -> each (B, H, N, hd)
+    K' = [P_k | K | s K_p],  V' = [P_v | V | s V_p]               (B, H, S', hd)
+    Q, K' = q_norm(Q), k_norm(K')                 (extra keys are normalised like the others)
+    O = dropout(softmax(Q K'^T / sqrt(hd) + M')) V'                (B, H, N, hd)
+    out = proj_drop(proj(norm(O) [* sigmoid(gate(x))]))          (B, N, dim_out)
+
+``P`` are prefix keys (prepended, shared by the batch), ``s K_p`` PATT ``concat`` keys
+(appended, one per token). ``M'`` is ``attn_mask`` (SDPA convention: a bool ``True`` may
+attend, a float is added) or, with ``is_causal`` (which takes precedence, as in timm), the
+causal mask over the ``N`` input keys; it is extended with "allowed" for prefix keys and a
+copy of the source token's column for appended keys. The fused (SDPA) and explicit paths
+of timm are both kept (``fused_attn``). ``qkv`` is called as a module, so a
+:class:`~vpetl.projection.BranchedLinear` around it (PATT ``add`` / LoRA) still applies.
+
+Only timm's own ``Attention`` class, or a subclass that keeps its forward, is swapped: a
+subclass with another forward computes something vpetl cannot know, and is refused.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._extra_keys import EXTRA_KV_ATTR, extend_keys, extend_mask
+
+CLASS_PREFIX = "VpetlExtraKeys"
+
+
+def timm_attention_class() -> type | None:
+    """timm's ``Attention`` if timm is already imported (a timm model has imported it)."""
+    if "timm" not in sys.modules:
+        return None
+    try:
+        from timm.layers.attention import Attention
+    except ImportError:  # pragma: no cover - other timm layouts
+        return None
+    return Attention
+
+
+def _causal(length: int, like: Tensor) -> Tensor:
+    """``(N, N)`` bool mask, ``True`` where query ``i`` may attend key ``j <= i``."""
+    return torch.ones(length, length, dtype=torch.bool, device=like.device).tril_()
+
+
+class _ExtraKeysForward:
+    """timm 1.0.31 ``Attention.forward`` with extended keys and values (module docstring)."""
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        B, N, C = x.shape
+        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        k, v, layout = extend_keys(k, v, x, x, self.__dict__.get(EXTRA_KV_ATTR, ()))
+        q, k = self.q_norm(q), self.k_norm(k)
+
+        mask = _causal(N, x) if is_causal else attn_mask
+        if mask is not None:
+            mask = extend_mask(mask, layout, allowed=True if mask.dtype == torch.bool else 0.0)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=mask,
+                dropout_p=self.attn_drop.p if self.training else 0.0,
+            )
+        else:
+            q = q * self.scale
+            attn = q @ k.transpose(-2, -1)
+            if mask is not None:
+                if mask.dtype == torch.bool:
+                    mask = torch.zeros_like(mask, dtype=attn.dtype).masked_fill_(~mask, float("-inf"))
+                attn = attn + mask
+            attn = attn.softmax(dim=-1)
+            attn = self.attn_drop(attn)
+            x = attn @ v
+
+        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        x = self.proj(x)
+        x = self.proj_drop(x)
+        return x
+
+    def extra_repr(self) -> str:
+        kinds = ", ".join(b.kind for b in self.__dict__.get(EXTRA_KV_ATTR, ()))
+        base = super().extra_repr()
+        return f"{base + ', ' if base else ''}extra_kv=[{kinds}]"
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def supports(cls: type) -> bool:
+    """True for timm's ``Attention`` or a subclass keeping its forward."""
+    base = timm_attention_class()
+    return base is not None and issubclass(cls, base) and cls.forward is base.forward
+
+
+def extra_keys_class(cls: type) -> type:
+    """``cls`` with the extra-keys forward (made once per class; for timm's own ``Attention`` it
+    is ``vpetl.handlers.timm_attention.VpetlExtraKeysAttention``, so a model pickles)."""
+    if cls not in _CLASSES:
+        name = CLASS_PREFIX + cls.__name__
+        new = type(name, (_ExtraKeysForward, cls), {"__module__": __name__, "__qualname__": name})
+        _CLASSES[cls] = new
+        if cls is timm_attention_class():
+            globals()[name] = new
+    return _CLASSES[cls]
+
+
+def is_adapted(module: nn.Module) -> bool:
+    return isinstance(module, _ExtraKeysForward)
+
+
+def __getattr__(name: str) -> Any:
+    """Create ``VpetlExtraKeysAttention`` on first lookup (e.g. when unpickling a model)."""
+    if name == CLASS_PREFIX + "Attention":
+        from timm.layers.attention import Attention
+
+        return extra_keys_class(Attention)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
