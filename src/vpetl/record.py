@@ -7,10 +7,12 @@ of an injected model then yields a record that points at the copy's modules.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .config import InjectConfig
 
@@ -80,7 +82,31 @@ class AttrSet:
         setattr(self.obj, self.name, self.new)
 
 
-STRUCTURAL = (ModuleSwap, ClassSwap, AttrSet)  # what decides which code runs in forward
+@dataclass
+class ForwardHook:
+    """``hook`` was registered on ``module`` by inject: a forward pre-hook (``pre``) or a
+    forward hook, with keyword arguments or not. ``hook`` should be a bound method of a branch
+    module (not a closure), so ``copy.deepcopy`` of the model re-binds it to the copy's branch;
+    the handle deep-copies along with the module's hook dicts."""
+
+    module: nn.Module
+    hook: Callable[..., Any]
+    pre: bool
+    with_kwargs: bool = False
+    handle: RemovableHandle | None = None
+
+    def undo(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def redo(self) -> None:
+        if self.handle is None:
+            register = self.module.register_forward_pre_hook if self.pre else self.module.register_forward_hook
+            self.handle = register(self.hook, with_kwargs=self.with_kwargs)
+
+
+STRUCTURAL = (ModuleSwap, ClassSwap, AttrSet, ForwardHook)  # what decides which code runs in forward
 
 
 @dataclass
@@ -124,6 +150,12 @@ class InjectionRecord:
     def set_attr(self, obj: Any, name: str, value: Any) -> None:
         self.undo_log.append(AttrSet(obj, name, getattr(obj, name, _MISSING), value))
         setattr(obj, name, value)
+
+    def add_hook(self, module: nn.Module, hook: Callable[..., Any], *, pre: bool, with_kwargs: bool = False) -> None:
+        """Register ``hook`` on ``module`` (a forward pre-hook if ``pre``), undoably."""
+        entry = ForwardHook(module, hook, pre, with_kwargs)
+        entry.redo()
+        self.undo_log.append(entry)
 
     def remember_requires_grad(self, model: nn.Module) -> None:
         self.undo_log.append(RequiresGrad([(p, p.requires_grad) for p in model.parameters()]))

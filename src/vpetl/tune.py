@@ -1,0 +1,303 @@
+"""Method ``"tune"``: unfreeze base parameters by their position in the block (Table 1).
+
+Every position is looked up in each transformer *block* (the ancestor of an attention module
+that sits in an ``nn.ModuleList`` / ``nn.Sequential``: timm ``blocks.N``, torchvision
+``encoder.layers.encoder_layer_N`` and ``features.S.N``, HF ``layers.N`` / ``encoder.layer.N``),
+except ``downsample``, which lives between stages:
+
+================  ==========================================================================
+position          what it unfreezes (per block unless said otherwise)
+================  ==========================================================================
+``norm1``         the norm feeding attention: ``norm1`` / ``ln_1`` / ``layernorm_before`` ...
+``attn_proj``     attention output projection: ``proj`` / ``out_proj`` / ``o_proj`` /
+                  HF ``attention.output.dense`` (weight ``d x d`` + bias)
+``attn_qkv``      the q/k/v projections: fused ``qkv``, separate ``q``/``k``/``v``,
+                  ``query``/``key``/``value``, ``q_proj``..., BEiT-style ``q_bias``/``v_bias``,
+                  ``nn.MultiheadAttention``'s ``in_proj_weight``/``in_proj_bias`` (``3d x d`` + ``3d``)
+``attn_softmax``  what shapes the attention logits before softmax: relative-position bias
+                  tables (``relative_position_bias_table``, ``rel_pos_h/w/t``, anywhere in the
+                  model, shared tables included), SwinV2's ``cpb_mlp`` and ``logit_scale``
+``norm2``         the norm feeding the MLP: ``norm2`` / ``ln_2`` / ``layernorm_after`` ...
+``mlp_fc1``       the MLP's input Linear(s): every Linear of the MLP but the last
+``mlp_fc2``       the MLP's output Linear: its last Linear
+``downsample``    patch merging between stages (model-wide): torchvision ``PatchMerging`` /
+                  ``PatchMergingV2`` (Swin3D's too), timm / HF ``*PatchMerging``, and a stage's
+                  ``downsample`` child
+================  ==========================================================================
+
+Norms are found by name first; a block whose norms have other names but exactly two norm
+children uses registration order (first feeds attention, second the MLP). For Video Swin-B
+(``torchvision.models.video.swin3d_b``) the counts are Table 1's: norm1 24,064; attn_proj
+6,991,616; attn_qkv 20,974,848; attn_softmax 953,160; norm2 24,064; mlp_fc1 27,966,464;
+mlp_fc2 27,930,368; downsample 2,759,680.
+
+A position that matches nothing in the model is an error (a typo'd or inapplicable position
+would otherwise train nothing silently).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import TunePosition
+from .errors import InjectionError
+from .handlers.mlp import locate_mlp
+from .inject import PROJECTION_CHILD_NAMES
+
+NORM1_NAMES = ("norm1", "ln_1", "ln1", "norm_1", "layernorm_before", "input_layernorm", "attention_norm", "norm_attn")
+NORM2_NAMES = ("norm2", "ln_2", "ln2", "norm_2", "layernorm_after", "post_attention_layernorm", "ffn_norm", "norm_mlp")
+PROJ_NAMES = frozenset({"proj", "out_proj", "o_proj", "wo", "c_proj"})  # + HF "output.dense"
+QKV_PARAM_NAMES = frozenset({
+    "q_bias", "k_bias", "v_bias", "in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight",
+    "v_proj_weight", "bias_k", "bias_v",
+})
+REL_POS_PARAM_NAMES = frozenset({"relative_position_bias_table", "rel_pos_h", "rel_pos_w", "rel_pos_t"})
+LOGIT_PARAM_NAMES = frozenset({"logit_scale"})  # inside attention only (CLIP has a root logit_scale)
+LOGIT_MODULE_NAMES = frozenset({"cpb_mlp"})
+BRANCH_MARKER = "vpetl_"
+
+Params = list[tuple[str, nn.Parameter]]
+
+
+def block_path_of(model: nn.Module, attention_path: str) -> str | None:
+    """Path of the block holding the attention at ``attention_path``: the attention itself or
+    its nearest ancestor whose parent is an ``nn.ModuleList`` / ``nn.Sequential``; None if
+    no ancestor sits in one."""
+    parts = attention_path.split(".") if attention_path else []
+    for end in range(len(parts), 0, -1):
+        parent = model.get_submodule(".".join(parts[: end - 1]))
+        if isinstance(parent, (nn.ModuleList, nn.Sequential)):
+            return ".".join(parts[:end])
+    return None
+
+
+@dataclass
+class _Block:
+    """One transformer block: ``attention`` is its child that holds the attention site
+    (HF: ``attention`` with ``attention.output.dense`` inside), ``site_path`` the site."""
+
+    path: str
+    module: nn.Module
+    attention_path: str
+    attention: nn.Module
+    site_path: str
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path and name else path or name
+
+
+def _blocks(model: nn.Module, sites: list[tuple[str, nn.Module]]) -> list[_Block]:
+    out: dict[str, _Block] = {}
+    for site_path, site in sites:
+        block_path = block_path_of(model, site_path)
+        if block_path is None:  # no list of blocks: the attention's parent is the block
+            block_path = site_path.rpartition(".")[0]
+        block = model.get_submodule(block_path)
+        if block_path == site_path:  # the site is the whole layer (nn.TransformerEncoderLayer)
+            name = "self_attn" if isinstance(block._modules.get("self_attn"), nn.Module) else ""
+        else:
+            name = site_path[len(block_path) + 1 :].split(".")[0] if block_path else site_path.split(".")[0]
+        attention_path = _join(block_path, name)
+        if block_path not in out:
+            out[block_path] = _Block(block_path, block, attention_path, model.get_submodule(attention_path), site_path)
+    return list(out.values())
+
+
+def _params(path: str, module: nn.Module, recurse: bool = True) -> Params:
+    return [
+        (_join(path, name), p) for name, p in module.named_parameters(recurse=recurse) if BRANCH_MARKER not in name
+    ]
+
+
+def _is_norm(module: nn.Module) -> bool:
+    has_params = any(True for _ in module.parameters())
+    return has_params and (isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "norm" in type(module).__name__.lower())
+
+
+def _block_norm(block: _Block, which: int) -> Params:
+    """The norm feeding attention (``which=0``) or the MLP (``which=1``)."""
+    names = NORM1_NAMES if which == 0 else NORM2_NAMES
+    for name in names:
+        child = block.module._modules.get(name)
+        if child is not None and _is_norm(child):
+            return _params(_join(block.path, name), child)
+    norms = [(n, m) for n, m in block.module.named_children() if m is not block.attention and _is_norm(m)]
+    if len(norms) == 2:  # unknown names: registration order
+        name, child = norms[which]
+        return _params(_join(block.path, name), child)
+    return []
+
+
+def _norm1(model: nn.Module, block: _Block) -> Params:
+    return _block_norm(block, 0)
+
+
+def _norm2(model: nn.Module, block: _Block) -> Params:
+    return _block_norm(block, 1)
+
+
+def _leaf(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def _attention_linears(block: _Block, keep: Callable[[str], bool]) -> Params:
+    """The parameters of the Linears inside the block's attention whose path ``keep`` accepts."""
+    out: Params = []
+    for name, module in block.attention.named_modules():
+        if BRANCH_MARKER in name or not isinstance(module, nn.Linear) or not name:
+            continue
+        if keep(name):
+            out += _params(_join(block.attention_path, name), module)
+    return out
+
+
+def _attn_proj(model: nn.Module, block: _Block) -> Params:
+    return _attention_linears(block, lambda name: _leaf(name) in PROJ_NAMES or f".{name}".endswith(".output.dense"))
+
+
+def _attn_qkv(model: nn.Module, block: _Block) -> Params:
+    out = _attention_linears(block, lambda name: _leaf(name) in PROJECTION_CHILD_NAMES)
+    for name, module in block.attention.named_modules():
+        if BRANCH_MARKER not in name:
+            own = _params(_join(block.attention_path, name), module, recurse=False)
+            out += [(n, p) for n, p in own if _leaf(n) in QKV_PARAM_NAMES]
+    return out
+
+
+def _attn_softmax(model: nn.Module, block: _Block) -> Params:
+    """SwinV2-style logit parameters; relative-position tables are collected model-wide."""
+    out: Params = []
+    for name, module in block.attention.named_modules():
+        if BRANCH_MARKER in name:
+            continue
+        path = _join(block.attention_path, name)
+        if _leaf(name) in LOGIT_MODULE_NAMES:
+            out += _params(path, module)
+        out += [(n, p) for n, p in _params(path, module, recurse=False) if _leaf(n) in LOGIT_PARAM_NAMES]
+    return out
+
+
+def _mlp_linears(model: nn.Module, block: _Block) -> list[tuple[str, nn.Linear]]:
+    site = locate_mlp(model, block.site_path)
+    if site is None:
+        return []
+    mlp = getattr(site, "mlp", None)
+    if mlp is not None:  # a child MLP (timm Mlp, torchvision MLPBlock / MLP Sequential, HF ViTMLP)
+        mlp_path = _join(site.path, next(n for n, m in site.module.named_children() if m is mlp))
+        linears = [(n, m) for n, m in mlp.named_modules() if isinstance(m, nn.Linear) and BRANCH_MARKER not in n]
+        return [(_join(mlp_path, n), m) for n, m in linears]
+    if getattr(site, "intermediate", None) is not None:  # HF intermediate.dense / output.dense
+        return [(_join(site.path, f"{part}.dense"), getattr(site, part).dense) for part in ("intermediate", "output")]
+    return [  # nn.TransformerEncoderLayer: linear1 / linear2
+        (_join(site.path, n), m) for n, m in site.module.named_children() if n in ("linear1", "linear2")
+    ]
+
+
+def _mlp_fc(which: int) -> Callable[[nn.Module, _Block], Params]:
+    def collect(model: nn.Module, block: _Block) -> Params:
+        linears = _mlp_linears(model, block)
+        if len(linears) < 2:
+            return []
+        chosen = linears[:-1] if which == 1 else linears[-1:]
+        return [pair for path, module in chosen for pair in _params(path, module)]
+
+    return collect
+
+
+_MLP_WANTED = "an MLP (an mlp/ffn child, HF intermediate/output, linear1/linear2) with two or more Linears"
+
+# per-block positions: (collector, what was looked for -- for the error message)
+_PER_BLOCK: dict[TunePosition, tuple[Callable[[nn.Module, _Block], Params], str]] = {
+    TunePosition.NORM1: (_norm1, f"a norm child named {'/'.join(NORM1_NAMES[:4])}/... or two norm children"),
+    TunePosition.ATTN_PROJ: (_attn_proj, "an attention output Linear named proj/out_proj/o_proj or output.dense"),
+    TunePosition.ATTN_QKV: (_attn_qkv, "q/k/v Linears (qkv, q/k/v, query/key/value, q_proj/...) or "
+                            "in_proj_weight / q_bias / v_bias parameters"),
+    TunePosition.ATTN_SOFTMAX: (_attn_softmax, "a relative-position bias table (relative_position_bias_table, "
+                                "rel_pos_h/w/t) or a continuous position bias (cpb_mlp, logit_scale)"),
+    TunePosition.NORM2: (_norm2, f"a norm child named {'/'.join(NORM2_NAMES[:4])}/... or two norm children"),
+    TunePosition.MLP_FC1: (_mlp_fc(1), _MLP_WANTED),
+    TunePosition.MLP_FC2: (_mlp_fc(2), _MLP_WANTED),
+}
+
+
+_DOWNSAMPLE_WANTED = "a patch-merging module between stages (a *PatchMerging class or a stage's downsample child)"
+
+
+def _model_wide_rel_pos(model: nn.Module) -> Params:
+    """Relative-position tables outside the blocks too (BEiT's shared ``rel_pos_bias``)."""
+    return [(n, p) for n, p in model.named_parameters() if BRANCH_MARKER not in n and _leaf(n) in REL_POS_PARAM_NAMES]
+
+
+def _downsample(model: nn.Module, blocks: list[_Block]) -> Params:
+    out: Params = []
+    for path, module in model.named_modules():
+        if BRANCH_MARKER in path:
+            continue
+        parent = path.rpartition(".")[0]
+        stage_child = _leaf(path) == "downsample" and any(b.path.startswith(parent + ".") for b in blocks)
+        if "PatchMerging" in type(module).__name__ or stage_child:
+            out += _params(path, module)
+    return out
+
+
+def _collect(model: nn.Module, blocks: list[_Block], position: TunePosition) -> Params:
+    if position is TunePosition.DOWNSAMPLE:
+        return _downsample(model, blocks)
+    collect = _PER_BLOCK[position][0]
+    found = [pair for block in blocks for pair in collect(model, block)]
+    if position is TunePosition.ATTN_SOFTMAX:
+        found += _model_wide_rel_pos(model)
+    return found
+
+
+def _unique(pairs: Params) -> Iterator[tuple[str, nn.Parameter]]:
+    seen: set[int] = set()
+    for name, param in pairs:
+        if id(param) not in seen:
+            seen.add(id(param))
+            yield name, param
+
+
+def tune_named_parameters(
+    model: nn.Module, sites: list[tuple[str, nn.Module]], positions: tuple[TunePosition, ...]
+) -> dict[TunePosition, list[tuple[str, nn.Parameter]]]:
+    """The base parameters at each position, by name (see the module docstring); raises
+    ``InjectionError`` for a position that matches nothing in ``model``."""
+    blocks = _blocks(model, sites)
+    out = {position: list(_unique(_collect(model, blocks, position))) for position in positions}
+    empty = [p for p, found in out.items() if not found]
+    if empty:
+        raise InjectionError(_no_match_message(model, blocks, empty))
+    return out
+
+
+def tune_parameters(
+    model: nn.Module, sites: list[tuple[str, nn.Module]], positions: tuple[TunePosition, ...]
+) -> list[nn.Parameter]:
+    """The base parameters to unfreeze for ``positions`` (the head is handled by inject).
+
+    ``sites``: ``(path, module)`` of every attention module inject found.
+    """
+    found = tune_named_parameters(model, sites, positions)
+    return [param for _, param in _unique(pair for pairs in found.values() for pair in pairs)]
+
+
+def _no_match_message(model: nn.Module, blocks: list[_Block], empty: list[TunePosition]) -> str:
+    available = [p.value for p in TunePosition if p not in empty and _collect(model, blocks, p)]
+    example = f"{blocks[0].path or '<root>'} ({type(blocks[0].module).__name__})" if blocks else "none"
+    looked = []
+    for position in empty:
+        wanted = _DOWNSAMPLE_WANTED if position is TunePosition.DOWNSAMPLE else _PER_BLOCK[position][1]
+        looked.append(f"for {position.value!r} it looked for {wanted} and found none")
+    names = ", ".join(repr(p.value) for p in empty)
+    return (
+        f"tune position(s) {names} match no parameter of this {type(model).__name__} "
+        f"({len(blocks)} blocks, e.g. {example}): {'; '.join(looked)}. "
+        f"Positions this model has: {', '.join(available) or 'none of Table 1'}. "
+        f"Fix: drop {names} from positions (a plain ViT, for example, has no relative-position table for "
+        "'attn_softmax' and no patch merging for 'downsample')."
+    )
