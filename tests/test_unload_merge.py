@@ -78,6 +78,24 @@ def test_merge_refuses_nonlinear_branches_and_leaves_model_injected(method):
     assert get_record(model) is not None
 
 
+@pytest.mark.parametrize("method", ["prefix", "vpt"])
+def test_merge_refuses_token_methods_and_leaves_model_injected(method):
+    model = vpetl.inject(tiny_vit(), method, length=3)
+    with pytest.raises(vpetl.MergeError, match=f"cannot merge {'prefix' if method == 'prefix' else 'prompt'} tokens"):
+        vpetl.merge(model)
+    assert get_record(model) is not None
+
+
+def test_summary_counts_prefix_and_prompt_tokens_as_branches():
+    model = vpetl.inject(tiny_vit(), "prefix", length=3, d_bottle=4)
+    info = vpetl.summary(model)
+    # per block: tokens 3x32, down 32x4+4, up 4x64+64; head 32x10+10
+    assert info.trainable_by_kind == {"prefix": 2 * (3 * 32 + 32 * 4 + 4 + 4 * 64 + 64), "head": 330}
+    assert info.base_total == vpetl.summary(tiny_vit()).total
+    deep = vpetl.summary(vpetl.inject(tiny_vit(), "vpt", length=3, deep=True))
+    assert deep.trainable_by_kind == {"prompt": 2 * 3 * 32, "head": 330}
+
+
 def test_merge_without_branches_just_unloads():
     model = vpetl.inject(tiny_vit(), "bitfit")
     vpetl.merge(model)

@@ -3,7 +3,8 @@ folds LoRA into the frozen weights.
 
 Merging LoRA is exact: ``W_p x + scale * B_p A_p x = (W_p + scale * B_p A_p) x``. PATT and
 the adapter cannot be merged: ``tanh(x W_down) W_up`` (PATT) and ``relu(x W_down) W_up``
-(adapter) are not linear in ``x``, so no weight matrix reproduces them.
+(adapter) are not linear in ``x``, so no weight matrix reproduces them. Prefix and prompt
+tokens add keys or tokens the base model does not have, so no weight change reproduces them.
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ def merge(model: nn.Module) -> nn.Module:
             "tanh(x W_down) W_up and the adapter relu(x W_down) W_up, which are not linear in x, so no "
             "weight matrix reproduces them. Keep the injected model for inference, or call "
             "vpetl.unload(model) to drop the branches; only LoRA can be merged."
+        )
+    tokens = [name for name, cfg in (("prefix", config.prefix), ("prompt", config.prompt)) if cfg is not None]
+    if tokens:
+        raise MergeError(
+            f"cannot merge {' and '.join(tokens)} tokens (method {config.method!r}): they add keys or tokens "
+            "that the base model does not have, so no weight change reproduces them. Keep the injected model "
+            "for inference, or call vpetl.unload(model) to drop them; only LoRA can be merged."
         )
     with torch.no_grad():
         for module, handler in record.sites:

@@ -8,7 +8,11 @@ from torch import nn
 
 from .record import get_record
 
-KIND_MARKERS = (("patt", ".vpetl_patt."), ("lora", ".vpetl_lora."), ("adapter", ".vpetl_adapter."))
+KIND_MARKERS = (
+    ("patt", ".vpetl_patt."), ("lora", ".vpetl_lora."), ("adapter", ".vpetl_adapter."),
+    ("prefix", ".vpetl_prefix."), ("prompt", ".vpetl_prompt."),
+)
+BRANCH_KINDS = tuple(kind for kind, _ in KIND_MARKERS)
 
 
 @dataclass(frozen=True)
@@ -51,8 +55,8 @@ def _kind(name: str, head_prefixes: tuple[str, ...]) -> str:
 
 
 def summary(model: nn.Module) -> Summary:
-    """Trainable parameters of ``model`` (by ``requires_grad``) grouped into patt / lora /
-    adapter / head / bias / base, with the total and the base-model total."""
+    """Trainable parameters of ``model`` (by ``requires_grad``) grouped into patt / adapter /
+    lora / prefix / prompt / head / bias / base, with the total and the base-model total."""
     record = get_record(model)
     head_prefixes = tuple(p + "." for p in record.head_paths) if record else ()
     by_kind: dict[str, int] = {}
@@ -60,11 +64,11 @@ def summary(model: nn.Module) -> Summary:
     for name, param in model.named_parameters():
         kind = _kind(name, head_prefixes)
         total += param.numel()
-        if kind not in ("patt", "lora", "adapter"):
+        if kind not in BRANCH_KINDS:
             base_total += param.numel()
         if param.requires_grad:
             trainable += param.numel()
             by_kind[kind] = by_kind.get(kind, 0) + param.numel()
-    order = ["patt", "adapter", "lora", "head", "bias", "base"]
+    order = ["patt", "adapter", "lora", "prefix", "prompt", "head", "bias", "base"]
     ordered = {k: by_kind[k] for k in order if k in by_kind}
     return Summary(record.config.method if record else None, ordered, trainable, total, base_total)
