@@ -1,0 +1,7 @@
+"""``python -m vpetl``: the ``vpetl`` command (:mod:`vpetl.cli`)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
