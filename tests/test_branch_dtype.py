@@ -87,3 +87,20 @@ def test_bad_branch_dtype_is_rejected():
         vpetl.inject(tiny_vit(), "bapat", branch_dtype="fp8")
     with pytest.raises(vpetl.ConfigError, match="branch_dtype='float32' does not apply to method 'linear'"):
         vpetl.inject(tiny_vit(), "linear", branch_dtype="float32")
+
+
+@pytest.mark.parametrize("branch_dtype", ["follow", "float32"])
+def test_float16_autocast_and_a_half_model(branch_dtype, images):
+    model = vpetl.inject(tiny_vit(), "bapat", d_bottle=4, branch_dtype=branch_dtype)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = model(images)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    out.float().sum().backward()
+    assert model.blocks[0].attn.vpetl_patt.down.weight.grad.dtype == torch.float32
+    half = vpetl.inject(tiny_vit().half(), "bapat", d_bottle=4, branch_dtype=branch_dtype)
+    expected = torch.float16 if branch_dtype == "follow" else torch.float32
+    assert half.blocks[0].attn.vpetl_patt.down.weight.dtype == expected
+    out = half(images.half())
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    out.float().sum().backward()
+    assert half.blocks[0].vpetl_adapter.up.weight.grad.dtype == expected
