@@ -468,8 +468,9 @@ def write_markdown(report: dict, table: str, path: Path) -> None:
                  f"(tolerance {verification['tolerance_abs']:g}).")
     m = report["machine"]
     threads = f"{m['torch_threads']} torch thread{'s' if m['torch_threads'] != 1 else ''}"
+    # the end figure counts this run's own threads; only load present before it started is other jobs
     busy = (" (other jobs shared the cores, so wall times are inflated)"
-            if max(report["load_average"]) > 1.0 else "")
+            if report["load_average"][0] > 0.5 else " (the end figure includes this run's own threads)")
     text = f"""# Transfer learning with every method: {report['backbone']['backbone']}
 
 {report['date']}; `python examples/{report['command']}`; {m['cpu']} ({m['cpu_count']} cores), {threads},
