@@ -124,6 +124,27 @@ def test_sequential_adapter_reads_the_mlp_output():
     assert not torch.allclose(parallel.blocks[0].mlp(x), expected)
 
 
+@pytest.mark.parametrize("placement", ["parallel", "sequential"])
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_adapter_adds_in_place_without_grad_and_matches_training_mode(placement, mode):
+    model = vpetl.inject(tiny_vit(), "adapter", d_bottle=4, scale=0.5, placement=placement).eval()
+    _randomise_adapters(model)
+    block = model.blocks[0]
+    adapter = block.vpetl_adapter
+    x = torch.randn(2, TOKENS, 32)
+    with vpetl.disabled(model):
+        y = block.mlp(x)
+    read = y if placement == "sequential" else x
+    expected = y + 0.5 * (F.relu(read @ adapter.down.weight.T + adapter.down.bias) @ adapter.up.weight.T
+                          + adapter.up.bias)
+    with_grad = block.mlp(x)
+    assert with_grad.requires_grad
+    with mode():
+        without_grad = block.mlp(x)
+    torch.testing.assert_close(with_grad.detach(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(without_grad, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_sequential_adapter_on_transformer_encoder_layer():
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)

@@ -314,8 +314,12 @@ class AdapterBranch(Branch):
         h2d = h.reshape(-1, h.shape[-1])
         if h2d.dtype != flat.dtype:
             h2d = h2d.to(flat.dtype)
-        summed = torch.addmm(flat, h2d, self.up.weight.t().to(flat.dtype), alpha=self.scale)
-        return summed.add_(self.up.bias.to(flat.dtype), alpha=self.scale).view(out.shape)
+        up_w, up_b = self.up.weight.t().to(flat.dtype), self.up.bias.to(flat.dtype)
+        if torch.is_grad_enabled():  # out-of-place: the MLP's last op may have saved ``out``
+            summed = torch.addmm(flat, h2d, up_w, alpha=self.scale)
+        else:  # inference: ``out`` is the MLP's fresh output, nothing else holds it
+            summed = flat.addmm_(h2d, up_w, alpha=self.scale)
+        return summed.add_(up_b, alpha=self.scale).view(out.shape)
 
     def _fused_add(self, out: Tensor, x: Tensor) -> Tensor | None:
         """The Triton adapter (:func:`vpetl.kernels.patt_triton.adapter_add`) when the kernel
