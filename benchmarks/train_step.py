@@ -48,7 +48,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,8 +55,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from provenance import git_state  # noqa: E402  (the one sibling module, imported before the folder is dropped)
+
 # Python puts this script's folder first on sys.path; benchmarks/kernels.py would then shadow the
-# Hugging Face `kernels` package that transformers (imported by peft) probes for. Nothing here
+# Hugging Face `kernels` package that transformers (imported by peft) probes for. Nothing else here
 # imports a sibling module, so the folder is dropped before any third-party import.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
@@ -741,17 +742,6 @@ def metadata(args: argparse.Namespace) -> dict[str, Any]:
         **git_state(),
     }
 
-
-def git_state() -> dict[str, Any]:
-    """The commit measured and any uncommitted changes under src/ (they were measured too)."""
-    root = Path(vpetl.__file__).resolve().parent.parent.parent  # src/vpetl/__init__.py -> checkout
-    try:
-        run = lambda *cmd: subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True, check=True).stdout  # noqa: E731
-        dirty = [line[3:] for line in run("status", "--porcelain", "--", "src").splitlines()]
-        return {"git_commit": run("rev-parse", "--short", "HEAD").strip(), "src_uncommitted": dirty,
-                "vpetl_path": str(Path(vpetl.__file__).parent)}
-    except (OSError, subprocess.CalledProcessError):
-        return {"git_commit": None, "src_uncommitted": None, "vpetl_path": str(Path(vpetl.__file__).parent)}
 
 
 def _mb(n_bytes: float) -> str:

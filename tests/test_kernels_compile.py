@@ -1,0 +1,82 @@
+"""The Triton kernels compile for real NVIDIA GPUs (sm_90 H100, sm_80 A100) without one.
+
+``test_kernels.py`` checks the arithmetic in Triton's interpreter; this module compiles every
+launch the real forward and backward make, to PTX and a cubin, with Triton's own argument
+specialisation (:mod:`vpetl.kernels.aot`), and checks the tile configurations against the
+devices' shared memory.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from vpetl.kernels import aot  # noqa: E402
+
+reason = aot.aot_supported()
+if reason is not None:
+    pytest.skip(reason, allow_module_level=True)
+
+ORDER = ["_hidden_kernel", "_project_kernel", "_branch_bwd_kernel", "_dx_kernel"]
+
+
+def _compile_all(launches, arch, every_config=False):
+    """``{(kernel, configuration): shared memory bytes}`` of every launch compiled for ``arch``
+    (only the first configuration of an autotuned kernel unless ``every_config``)."""
+    shared = {}
+    for launch in launches:
+        for i in range(len(launch.variants()) if every_config else 1):
+            compiled = aot.compile_launch(launch, arch, i)
+            assert compiled.asm["cubin"], f"{launch.name}: no cubin for sm_{arch}"
+            assert ".target sm_" + str(arch) in compiled.asm["ptx"]
+            shared[(launch.name, i)] = compiled.metadata.shared
+    return shared
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rank", [64, 256])
+def test_patt_forward_and_backward_compile_for_h100(dtype, rank):
+    launches = aot.patt_launches(dtype, rank)
+    assert [launch.name for launch in launches] == ORDER
+    assert launches[2].kwargs["FUSE_DW"] == (rank <= 64)  # dU in the same read of dK/dV up to r = 64
+    shared = _compile_all(launches, 90)
+    assert max(shared.values()) <= aot.SHARED_LIMIT[90], shared
+
+
+def test_gelu_fp16_patt_compiles_for_h100():
+    launches = aot.patt_launches(torch.float16, 64, act="gelu")
+    hidden, _, backward, _ = launches
+    assert hidden.kwargs["STORE_Z"] and hidden.kwargs["ACT"] == 2 and backward.kwargs["ACT"] == 2
+    shared = _compile_all(launches, 90)
+    assert max(shared.values()) <= aot.SHARED_LIMIT[90], shared
+
+
+def test_adapter_kernels_compile_for_h100():
+    launches = aot.adapter_launches(torch.bfloat16, 64)
+    assert [launch.name for launch in launches] == ORDER
+    project, dx = launches[1], launches[3]
+    assert project.kwargs["HAS_C"] and project.kwargs["IDENTITY"] and not project.kwargs["HAS_BASE"]
+    assert not dx.kwargs["HAS_BASE"]
+    shared = _compile_all(launches, 90)
+    assert max(shared.values()) <= aot.SHARED_LIMIT[90], shared
+
+
+@pytest.mark.parametrize("arch", [90, 80], ids=["sm90", "sm80"])
+def test_every_autotune_configuration_compiles_and_one_fits(arch):
+    """The autotuner drops a configuration the device cannot hold (OutOfResources), so every
+    configuration must compile and, per kernel, at least one must fit."""
+    launches = [launch for launch in aot.patt_launches(torch.float32, 64) if launch.configs]
+    assert [launch.name for launch in launches] == ["_project_kernel", "_dx_kernel"]
+    shared = _compile_all(launches, arch, every_config=True)
+    for launch in launches:
+        fits = [i for i in range(len(launch.configs)) if shared[(launch.name, i)] <= aot.SHARED_LIMIT[arch]]
+        assert fits, f"{launch.name}: no tile configuration fits sm_{arch}: {shared}"
+
+
+def test_recording_leaves_the_kernels_launchable():
+    from vpetl.kernels import patt_triton as pt
+
+    aot.patt_launches(torch.float32, 16)
+    assert "run" not in vars(pt._hidden_kernel) and "run" not in vars(pt._branch_bwd_kernel)
+    assert pt._launcher.__module__ == pt.__name__
