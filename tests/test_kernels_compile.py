@@ -23,7 +23,8 @@ ORDER = ["_hidden_kernel", "_project_kernel", "_branch_bwd_kernel", "_dx_kernel"
 
 def _compile_all(launches, arch, every_config=False):
     """``{(kernel, configuration): shared memory bytes}`` of every launch compiled for ``arch``
-    (only the first configuration of an autotuned kernel unless ``every_config``)."""
+    (only the first configuration of an autotuned kernel unless ``every_config``). The
+    fixed-tile kernels (vpetl picks their tiles, no autotuner) must not spill registers."""
     shared = {}
     for launch in launches:
         for i in range(len(launch.variants()) if every_config else 1):
@@ -31,6 +32,9 @@ def _compile_all(launches, arch, every_config=False):
             assert compiled.asm["cubin"], f"{launch.name}: no cubin for sm_{arch}"
             assert ".target sm_" + str(arch) in compiled.asm["ptx"]
             shared[(launch.name, i)] = compiled.metadata.shared
+            if not launch.configs:
+                usage = aot.resource_usage(compiled)
+                assert usage.get("stack", 0) == 0, f"{launch.name} {launch.kwargs}: spills on sm_{arch}: {usage}"
     return shared
 
 
@@ -68,10 +72,16 @@ def test_every_autotune_configuration_compiles_and_one_fits(arch):
     configuration must compile and, per kernel, at least one must fit."""
     launches = [launch for launch in aot.patt_launches(torch.float32, 64) if launch.configs]
     assert [launch.name for launch in launches] == ["_project_kernel", "_dx_kernel"]
+    assert [len(launch.configs) for launch in launches] == [5, 5]  # fp32: the 128 x 256 tiles pruned
     shared = _compile_all(launches, arch, every_config=True)
     for launch in launches:
         fits = [i for i in range(len(launch.configs)) if shared[(launch.name, i)] <= aot.SHARED_LIMIT[arch]]
         assert fits, f"{launch.name}: no tile configuration fits sm_{arch}: {shared}"
+
+
+def test_half_precision_keeps_every_tile_shape():
+    launches = [launch for launch in aot.patt_launches(torch.bfloat16, 64) if launch.configs]
+    assert [len(launch.configs) for launch in launches] == [6, 6]
 
 
 def test_recording_leaves_the_kernels_launchable():

@@ -88,13 +88,17 @@ def record_launches() -> Iterator[list[Launch]]:
             launches.append(Launch(kernel, args, kwargs, list(configs)))
         return run
 
-    class Tuned:  # stands in for the autotuned launcher
+    class Tuned:  # stands in for the autotuned launcher, pruning as the autotuner would
         def __init__(self, name: str):
             self.kernel = {"project": pt._project_kernel, "dx": pt._dx_kernel}[name]
+            self.column = pt._COLUMN_BLOCK[name]
             self.configs = pt._gemm_configs(*(("BN", "BK") if name == "project" else ("BK", "BN")))
 
         def __getitem__(self, grid):
-            return recorder(self.kernel, self.configs)
+            def run(*args, **kwargs):
+                named = dict(zip(self.kernel.arg_names, args))
+                recorder(self.kernel, pt.prune_configs(self.configs, named, self.column))(*args, **kwargs)
+            return run
 
     fixed = (pt._hidden_kernel, pt._branch_bwd_kernel)
     saved_launcher = pt._launcher

@@ -39,6 +39,7 @@ Accumulation is fp32 for fp16/bf16/fp32 inputs; fp32 dots use TF32 only when
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -316,6 +317,19 @@ def _gemm_configs(a: str, b: str) -> list[triton.Config]:
             for bm, bn, bk, w, s in shapes]
 
 
+_COLUMN_BLOCK = {"project": "BN", "dx": "BK"}  # the output tile's column block; the other one is the reduction
+MAX_FP32_TILE = 128 * 128  # compiled for sm_90, fp32 output tiles of 128 x 256 spill 6-17 KB of registers
+
+
+def prune_configs(configs: list, named_args: dict, column: str, **_) -> list:
+    """The autotuner's early prune: for fp32 operands drop the tile shapes that spill
+    (``benchmarks/results/kernels_compile_sm90.md``); 16-bit operands keep every shape."""
+    operand = named_args.get("h_ptr", named_args.get("dz_ptr"))
+    if operand is None or operand.element_size() <= 2:
+        return configs
+    return [c for c in configs if c.kwargs["BM"] * c.kwargs[column] <= MAX_FP32_TILE]
+
+
 _TUNED: dict[str, object] = {}
 
 
@@ -328,7 +342,9 @@ def _launcher(name: str):
             _TUNED[name] = kernel
         else:
             a, b = ("BN", "BK") if name == "project" else ("BK", "BN")
-            _TUNED[name] = triton.autotune(configs=_gemm_configs(a, b), key=["N", "K", "R"])(kernel)
+            prune = functools.partial(prune_configs, column=_COLUMN_BLOCK[name])
+            _TUNED[name] = triton.autotune(configs=_gemm_configs(a, b), key=["N", "K", "R"],
+                                           prune_configs_by={"early_config_prune": prune})(kernel)
     return _TUNED[name]
 
 
@@ -348,6 +364,7 @@ def hidden(x: Tensor, down_w: Tensor, down_b: Tensor | None, act: str) -> tuple[
     BR = min(_pow2(R), 128)
     BM = 32 if _interpreting() else (64 if BR > 64 else 128)
     BK = 32 if _interpreting() else 64
+    warps = 8 if x.element_size() > 2 and BR == 64 else 4  # fp32 128 x 64 spills with 4 warps (sm_90)
     grid = (triton.cdiv(M, BM), triton.cdiv(R, BR))
     _hidden_kernel[grid](
         x, down_w, down_b if down_b is not None else x, h, z if z is not None else h,
@@ -355,7 +372,7 @@ def hidden(x: Tensor, down_w: Tensor, down_b: Tensor | None, act: str) -> tuple[
         x.stride(0), x.stride(1), down_w.stride(0), down_w.stride(1), h.stride(0), h.stride(1),
         ACT=ACT_IDS[act], HAS_BIAS=down_b is not None, STORE_Z=z is not None,
         PREC=_precision(x.dtype), UPCAST=_upcast(x.dtype),
-        BM=BM, BR=BR, BK=BK, num_warps=4,
+        BM=BM, BR=BR, BK=BK, num_warps=warps,
     )
     return h, z
 
@@ -409,10 +426,15 @@ def branch_backward(
     BR = _pow2(R)
     if _interpreting():
         BM, BP, warps = 32, 32, 4
-    else:
-        BM = 128 if BR <= 64 else 64 if BR <= 128 else 32
-        BP = 64 if BR <= 128 else 32
-        warps = 4 if BR <= 64 else 8
+    else:  # chosen from the sm_90 register report: no spills for fp32, fp16, bf16 at r = 16..256
+        wide = h.element_size() > 2  # fp32 tiles need twice the registers
+        if BR <= 64:
+            BM, BP = (64, 32) if wide and BR == 64 else (128, 64)
+        elif BR <= 128:
+            BM, BP = 64, 64
+        else:
+            BM, BP = 32, 32
+        warps = 8
     _branch_bwd_kernel[(triton.cdiv(M, BM),)](
         g, h, z if z is not None else h, up_w, cols if cols is not None else h, dz,
         du if du is not None else dz, dbu if dbu is not None else dz,
