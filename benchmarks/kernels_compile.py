@@ -35,7 +35,7 @@ TILE_KEYS = ("BM", "BN", "BK", "BR", "BP", "num_warps", "num_stages")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, choices=sorted(aot.SHARED_LIMIT))
-    parser.add_argument("--ranks", default="32,64,128,256", help="comma-separated PATT ranks")
+    parser.add_argument("--ranks", default="16,32,64,128,256", help="comma-separated PATT ranks")
     args = parser.parse_args()
     reason = aot.aot_supported()
     if reason:

@@ -79,6 +79,16 @@ def test_every_autotune_configuration_compiles_and_one_fits(arch):
         assert fits, f"{launch.name}: no tile configuration fits sm_{arch}: {shared}"
 
 
+@pytest.mark.parametrize("dtype, rank", [(torch.float32, 16), (torch.float32, 32), (torch.float32, 128),
+                                         (torch.bfloat16, 16), (torch.bfloat16, 128)])
+def test_fixed_tile_kernels_do_not_spill_on_a100(dtype, rank):
+    """vpetl picks the hidden and backward kernels' tiles itself; on sm_80 the fp32 tiles that
+    suit sm_90 spilled kilobytes, so the tiles must suit both."""
+    launches = [launch for launch in aot.patt_launches(dtype, rank) if not launch.configs]
+    assert [launch.name for launch in launches] == ["_hidden_kernel", "_branch_bwd_kernel"]
+    _compile_all(launches, 80)
+
+
 def test_half_precision_keeps_every_tile_shape():
     launches = [launch for launch in aot.patt_launches(torch.bfloat16, 64) if launch.configs]
     assert [len(launch.configs) for launch in launches] == [6, 6]

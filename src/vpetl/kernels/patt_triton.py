@@ -317,6 +317,12 @@ def _gemm_configs(a: str, b: str) -> list[triton.Config]:
             for bm, bn, bk, w, s in shapes]
 
 
+# (BM, BP) of the branch backward per BR and element size, from the register reports of
+# sm_90 and sm_80 (benchmarks/kernels_compile.py): none of them spills
+_BWD_TILES = {
+    2: {16: (128, 64), 32: (128, 64), 64: (128, 64), 128: (64, 64), 256: (32, 32)},  # fp16, bf16
+    4: {16: (64, 32), 32: (32, 32), 64: (64, 32), 128: (32, 32), 256: (32, 32)},  # fp32: 2x the registers
+}
 _COLUMN_BLOCK = {"project": "BN", "dx": "BK"}  # the output tile's column block; the other one is the reduction
 MAX_FP32_TILE = 128 * 128  # compiled for sm_90, fp32 output tiles of 128 x 256 spill 6-17 KB of registers
 
@@ -362,9 +368,12 @@ def hidden(x: Tensor, down_w: Tensor, down_b: Tensor | None, act: str) -> tuple[
     h = torch.empty((M, R), device=x.device, dtype=x.dtype)
     z = torch.empty_like(h) if act == "gelu" else None
     BR = min(_pow2(R), 128)
-    BM = 32 if _interpreting() else (64 if BR > 64 else 128)
-    BK = 32 if _interpreting() else 64
-    warps = 8 if x.element_size() > 2 and BR == 64 else 4  # fp32 128 x 64 spills with 4 warps (sm_90)
+    if _interpreting():
+        BM, BK, warps = 32, 32, 4
+    elif x.element_size() > 2:  # fp32: larger tiles spill registers on sm_80 and sm_90
+        BM, BK, warps = 64, 32, 8
+    else:
+        BM, BK, warps = (64 if BR > 64 else 128), 64, 4
     grid = (triton.cdiv(M, BM), triton.cdiv(R, BR))
     _hidden_kernel[grid](
         x, down_w, down_b if down_b is not None else x, h, z if z is not None else h,
@@ -426,14 +435,8 @@ def branch_backward(
     BR = _pow2(R)
     if _interpreting():
         BM, BP, warps = 32, 32, 4
-    else:  # chosen from the sm_90 register report: no spills for fp32, fp16, bf16 at r = 16..256
-        wide = h.element_size() > 2  # fp32 tiles need twice the registers
-        if BR <= 64:
-            BM, BP = (64, 32) if wide and BR == 64 else (128, 64)
-        elif BR <= 128:
-            BM, BP = 64, 64
-        else:
-            BM, BP = 32, 32
+    else:
+        BM, BP = _BWD_TILES[min(h.element_size(), 4)][BR]
         warps = 8
     _branch_bwd_kernel[(triton.cdiv(M, BM),)](
         g, h, z if z is not None else h, up_w, cols if cols is not None else h, dz,
