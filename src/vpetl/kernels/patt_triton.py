@@ -309,12 +309,19 @@ def _upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and _interpreting()
 
 
+# (row block, column block, reduction block, warps, stages) tried once per (N, K, r, dtype) on a
+# GPU. fp32 tiles hold twice the bytes: the 16-bit shapes spill registers there (up to 17 KB on
+# sm_90, 5.6 KB on sm_80); the fp32 shapes spill on neither (benchmarks/kernels_compile.py).
+HALF_SHAPES = ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+               (64, 64, 64, 4, 4), (128, 128, 32, 4, 4))
+FP32_SHAPES = ((128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 8, 3))
+
+
 def _gemm_configs(a: str, b: str) -> list[triton.Config]:
-    """Tile shapes tried once per (N, K, r, dtype) on a GPU (names: row block, column block)."""
-    shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-              (64, 64, 64, 4, 4), (128, 128, 32, 4, 4)]
+    """Every tile shape of both lists (names: column block ``a``, reduction block ``b``);
+    :func:`prune_configs` keeps the list that matches the operands' dtype."""
     return [triton.Config({"BM": bm, a: bn, b: bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in shapes]
+            for bm, bn, bk, w, s in HALF_SHAPES + FP32_SHAPES]
 
 
 # (BM, BP) of the branch backward per BR and element size, from the register reports of
@@ -324,16 +331,16 @@ _BWD_TILES = {
     4: {16: (64, 32), 32: (32, 32), 64: (64, 32), 128: (32, 32), 256: (32, 32)},  # fp32: 2x the registers
 }
 _COLUMN_BLOCK = {"project": "BN", "dx": "BK"}  # the output tile's column block; the other one is the reduction
-MAX_FP32_TILE = 128 * 128  # compiled for sm_90, fp32 output tiles of 128 x 256 spill 6-17 KB of registers
-
-
 def prune_configs(configs: list, named_args: dict, column: str, **_) -> list:
-    """The autotuner's early prune: for fp32 operands drop the tile shapes that spill
-    (``benchmarks/results/kernels_compile_sm90.md``); 16-bit operands keep every shape."""
+    """The autotuner's early prune: :data:`FP32_SHAPES` for fp32 operands, :data:`HALF_SHAPES`
+    for fp16/bf16 (``column`` names the output tile's column block, "BN" or "BK")."""
     operand = named_args.get("h_ptr", named_args.get("dz_ptr"))
-    if operand is None or operand.element_size() <= 2:
+    if operand is None:
         return configs
-    return [c for c in configs if c.kwargs["BM"] * c.kwargs[column] <= MAX_FP32_TILE]
+    wanted = FP32_SHAPES if operand.element_size() > 2 else HALF_SHAPES
+    reduction = "BK" if column == "BN" else "BN"
+    return [c for c in configs
+            if (c.kwargs["BM"], c.kwargs[column], c.kwargs[reduction], c.num_warps, c.num_stages) in wanted]
 
 
 _TUNED: dict[str, object] = {}
