@@ -331,6 +331,8 @@ _BWD_TILES = {
     4: {16: (64, 32), 32: (32, 32), 64: (64, 32), 128: (32, 32), 256: (32, 32)},  # fp32: 2x the registers
 }
 _COLUMN_BLOCK = {"project": "BN", "dx": "BK"}  # the output tile's column block; the other one is the reduction
+
+
 def prune_configs(configs: list, named_args: dict, column: str, **_) -> list:
     """The autotuner's early prune: :data:`FP32_SHAPES` for fp32 operands, :data:`HALF_SHAPES`
     for fp16/bf16 (``column`` names the output tile's column block, "BN" or "BK")."""
