@@ -19,6 +19,7 @@ suite runs it with 2 processes); on GPUs the same script uses nccl.
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -43,13 +44,7 @@ def main() -> None:
         torch.cuda.set_device(device)
     mesh = init_device_mesh(device.type, (world,))
 
-    model = build_model(args).to(device)
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    train(model, make_optimizer(model, args), args, rank, world, device)
-
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = train_sharded(args, mesh, rank, world, device)
     if rank == 0:
         plain = build_model(args)  # unsharded, injected the same way
         plain.load_state_dict(full)
@@ -57,7 +52,19 @@ def main() -> None:
         vpetl.save_delta(plain, args.out)
         print(f"saved {args.out} ({args.out.stat().st_size / 1e3:.1f} kB)")
     dist.barrier()
+    gc.collect()  # gloo work objects held by the sharded model must go before the process group
     dist.destroy_process_group()
+
+
+def train_sharded(args, mesh, rank: int, world: int, device: torch.device) -> dict:
+    """Shard, train, and gather the full state dict (a collective: every rank calls it); the
+    sharded model and its optimizer die with this frame, before the process group does."""
+    model = build_model(args).to(device)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    train(model, make_optimizer(model, args), args, rank, world, device)
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 if __name__ == "__main__":
