@@ -109,24 +109,8 @@ def _randomise_adapters(model: nn.Module) -> None:
             nn.init.normal_(param, std=0.5)
 
 
-def test_sequential_adapter_reads_the_mlp_output():
-    model = vpetl.inject(tiny_vit(), "adapter", d_bottle=4, scale=0.5, placement="sequential")
-    _randomise_adapters(model)
-    block = model.blocks[0]
-    adapter = block.vpetl_adapter
-    x = torch.randn(2, TOKENS, 32)
-    with vpetl.disabled(model):
-        y = block.mlp(x)
-    expected = y + 0.5 * (F.relu(y @ adapter.down.weight.T + adapter.down.bias) @ adapter.up.weight.T + adapter.up.bias)
-    torch.testing.assert_close(block.mlp(x), expected, rtol=1e-5, atol=1e-5)
-    parallel = vpetl.inject(tiny_vit(), "adapter", d_bottle=4, scale=0.5)
-    parallel.blocks[0].vpetl_adapter.load_state_dict(adapter.state_dict())
-    assert not torch.allclose(parallel.blocks[0].mlp(x), expected)
-
-
-@pytest.mark.parametrize("placement", ["parallel", "sequential"])
-@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
-def test_adapter_adds_in_place_without_grad_and_matches_training_mode(placement, mode):
+def _first_block_with_adapter(placement: str):
+    """(block 0, input x, the block MLP's expected output with a random-up adapter)."""
     model = vpetl.inject(tiny_vit(), "adapter", d_bottle=4, scale=0.5, placement=placement).eval()
     _randomise_adapters(model)
     block = model.blocks[0]
@@ -137,6 +121,21 @@ def test_adapter_adds_in_place_without_grad_and_matches_training_mode(placement,
     read = y if placement == "sequential" else x
     expected = y + 0.5 * (F.relu(read @ adapter.down.weight.T + adapter.down.bias) @ adapter.up.weight.T
                           + adapter.up.bias)
+    return block, x, expected
+
+
+def test_sequential_adapter_reads_the_mlp_output():
+    block, x, expected = _first_block_with_adapter("sequential")
+    torch.testing.assert_close(block.mlp(x), expected, rtol=1e-5, atol=1e-5)
+    parallel = vpetl.inject(tiny_vit(), "adapter", d_bottle=4, scale=0.5)
+    parallel.blocks[0].vpetl_adapter.load_state_dict(block.vpetl_adapter.state_dict())
+    assert not torch.allclose(parallel.blocks[0].mlp(x), expected)
+
+
+@pytest.mark.parametrize("placement", ["parallel", "sequential"])
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_adapter_adds_in_place_without_grad_and_matches_training_mode(placement, mode):
+    block, x, expected = _first_block_with_adapter(placement)
     with_grad = block.mlp(x)
     assert with_grad.requires_grad
     with mode():
