@@ -336,9 +336,7 @@ _COLUMN_BLOCK = {"project": "BN", "dx": "BK"}  # the output tile's column block;
 def prune_configs(configs: list, named_args: dict, column: str, **_) -> list:
     """The autotuner's early prune: :data:`FP32_SHAPES` for fp32 operands, :data:`HALF_SHAPES`
     for fp16/bf16 (``column`` names the output tile's column block, "BN" or "BK")."""
-    operand = named_args.get("h_ptr", named_args.get("dz_ptr"))
-    if operand is None:
-        return configs
+    operand = named_args["h_ptr"] if "h_ptr" in named_args else named_args["dz_ptr"]  # project / dx
     wanted = FP32_SHAPES if operand.element_size() > 2 else HALF_SHAPES
     reduction = "BK" if column == "BN" else "BN"
     return [c for c in configs
