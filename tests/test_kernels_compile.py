@@ -3,7 +3,8 @@
 ``test_kernels.py`` checks the arithmetic in Triton's interpreter; this module compiles every
 launch the real forward and backward make, to PTX and a cubin, with Triton's own argument
 specialisation (:mod:`vpetl.kernels.aot`), and checks the tile configurations against the
-devices' shared memory.
+devices' shared memory and a generous register-spill bound (``aot.SPILL_LIMIT``): how many
+bytes a tile spills is the compiler release's choice; kilobytes mean a wrong tile.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ ORDER = ["_hidden_kernel", "_project_kernel", "_branch_bwd_kernel", "_dx_kernel"
 def _compile_all(launches, arch):
     """``{kernel: shared memory bytes}`` of every launch compiled for ``arch`` (the first
     configuration of an autotuned kernel). The fixed-tile kernels (vpetl picks their tiles,
-    no autotuner) must not spill registers."""
+    no autotuner) must not spill more than ``aot.SPILL_LIMIT`` bytes per thread."""
     shared = {}
     for launch in launches:
         compiled = aot.compile_launch(launch, arch)
@@ -34,7 +35,7 @@ def _compile_all(launches, arch):
         shared[launch.name] = compiled.metadata.shared
         if not launch.configs:
             usage = aot.resource_usage(compiled)
-            assert usage.get("stack", 0) == 0, f"{launch.name} {launch.kwargs}: spills on sm_{arch}: {usage}"
+            assert usage.get("stack", 0) <= aot.SPILL_LIMIT, f"{launch.name} {launch.kwargs}: spills on sm_{arch}: {usage}"
     return shared
 
 
@@ -71,7 +72,8 @@ def test_adapter_kernels_compile_for_h100():
 def test_every_autotune_configuration_compiles_and_one_fits(arch, dtype):
     """The autotuner drops a configuration the device cannot hold (OutOfResources), so every
     configuration must compile and, per kernel, at least one must fit; the fp32 shapes were
-    chosen not to spill registers, so none may."""
+    chosen not to spill registers, so none may spill more than ``aot.SPILL_LIMIT`` bytes (the
+    exact figure depends on the Triton release)."""
     launches = [launch for launch in aot.patt_launches(dtype, 64) if launch.configs]
     assert [launch.name for launch in launches] == ["_project_kernel", "_dx_kernel"]
     expected = len(pt.FP32_SHAPES if dtype == torch.float32 else pt.HALF_SHAPES)
@@ -85,13 +87,13 @@ def test_every_autotune_configuration_compiles_and_one_fits(arch, dtype):
                 fits.append(i)
             if dtype == torch.float32:
                 usage = aot.resource_usage(compiled)
-                assert usage.get("stack", 0) == 0, f"{launch.name} {launch.variants()[i]} spills: {usage}"
+                assert usage.get("stack", 0) <= aot.SPILL_LIMIT, f"{launch.name} {launch.variants()[i]} spills: {usage}"
         assert fits, f"{launch.name}: no tile configuration fits sm_{arch}"
 
 
 @pytest.mark.parametrize("dtype, rank", [(torch.float32, 16), (torch.float32, 32), (torch.float32, 128),
                                          (torch.bfloat16, 16), (torch.bfloat16, 128)])
-def test_fixed_tile_kernels_do_not_spill_on_a100(dtype, rank):
+def test_fixed_tile_kernels_do_not_spill_kilobytes_on_a100(dtype, rank):
     """vpetl picks the hidden and backward kernels' tiles itself; on sm_80 the fp32 tiles that
     suit sm_90 spilled kilobytes, so the tiles must suit both."""
     launches = [launch for launch in aot.patt_launches(dtype, rank) if not launch.configs]

@@ -20,6 +20,7 @@ from .errors import (
     ConfigError,
     DeltaFileError,
     DeltaMismatchError,
+    ExportError,
     InjectionError,
     MergeError,
     VpetlError,
@@ -34,7 +35,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Activation", "AdapterConfig", "AdapterPlacement", "BaseWeightsWarning", "BranchDtype", "ConfigError", "DeltaFileError",
-    "DeltaMismatchError", "InjectConfig", "InjectionError", "Kernel", "LoraConfig", "METHODS",
+    "DeltaMismatchError", "ExportError", "InjectConfig", "InjectionError", "Kernel", "LoraConfig", "METHODS",
     "MergeError", "PattConfig", "PattVariant", "PrefixConfig", "PromptConfig", "Summary", "TunePosition", "VpetlError", "__version__", "delta_state_dict", "disabled", "inject",
     "load_delta", "merge", "preset", "save_delta", "summary", "unload", "verify",
 ]

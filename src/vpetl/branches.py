@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels
+from .tracing import autocast_enabled, plain_path, raise_not_scriptable
 from .config import Activation, AdapterConfig, AdapterPlacement, Kernel, LoraConfig, PattConfig, PattVariant
 
 if TYPE_CHECKING:
-    from .projection import OutputSlots
+    from .projection import OutputSlots, SlotLayout
 
 ACTIVATIONS: dict[Activation, Callable[[Tensor], Tensor]] = {
     Activation.TANH: torch.tanh,
@@ -49,6 +50,10 @@ class Branch(nn.Module):
         super().__init__()
         self._call_log: set | None = None  # set by vpetl.inject.record_calls while checking
         self.keep_float32 = False  # InjectConfig.branch_dtype == "float32"
+
+    def __prepare_scriptable__(self) -> "Branch":
+        """``torch.jit.script`` calls this on every submodule before compiling: refuse clearly."""
+        raise_not_scriptable(self)
 
     def _mark_called(self) -> None:
         if self._call_log is not None:
@@ -73,7 +78,9 @@ class Branch(nn.Module):
     def _input(self, x: Tensor, like: Tensor) -> Tensor:
         """``x`` in the dtype of parameter ``like`` (fp32 branches on a half-precision base);
         autocast casts by itself."""
-        if x.dtype == like.dtype or not x.is_floating_point() or torch.is_autocast_enabled(x.device.type):
+        if plain_path(x):  # traced or meta: dtype known only at run time; a no-op cast if equal
+            return x.to(like.dtype)
+        if x.dtype == like.dtype or not x.is_floating_point() or autocast_enabled(x):
             return x
         return x.to(like.dtype)
 
@@ -92,6 +99,12 @@ class ProjectionBranch(Branch):
     def bias_for(self, letter: str) -> Tensor | None:
         """The constant this branch adds to slot ``letter`` (already scaled), or None."""
         return None
+
+    def plain_delta(self, x: Tensor, layout: "SlotLayout", out_features: int) -> Tensor:
+        """What :meth:`add_into_` and :meth:`bias_for` add, as a new ``(..., out_features)``
+        tensor built out of place with plain ops (zeros outside this branch's slots), for
+        :mod:`vpetl.tracing`'s plain path."""
+        raise NotImplementedError
 
 
 def _add_product_(slot: Tensor, h: Tensor, weight_t: Tensor, alpha: float | Tensor) -> None:
@@ -207,12 +220,27 @@ class PattBranch(ProjectionBranch):
             rows = slice(self._rows[letters[0]].start, self._rows[letters[-1]].stop)
             _add_product_(out.view(letters), h, self.up.weight[rows].t(), self.scale_value())
 
+    def plain_delta(self, x: Tensor, layout: "SlotLayout", out_features: int) -> Tensor:
+        """``s * (h U^T + c)``, ``(..., out_features)``: ``h`` ``(..., r)`` from ``x`` (or
+        ``(T, r)`` from the learned tokens, broadcast over the batch), ``U``/``c`` the up rows
+        and bias at this layout's slots, zeros elsewhere."""
+        self._mark_called()
+        source = self.tokens if self.variant is PattVariant.NO_INPUT else self._input(x, self.down.weight)
+        h = ACTIVATIONS[self.activation](self.down(source))
+        letters = [c for c in self.positions if c in layout.letters]
+        rank = (self.down.out_features,)
+        up = layout.scatter_rows({c: self.up.weight[self._rows[c]] for c in letters}, out_features, rank)
+        bias = None
+        if self.up.bias is not None:
+            bias = layout.scatter_rows({c: self.up.bias[self._rows[c]] for c in letters}, out_features)
+        return F.linear(h, up, bias) * self.scale_value()
+
     def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Variant ``concat``: ``s K_p``, ``s V_p``, each ``(..., N, w)`` from ``x (..., N, d)``,
         appended to K and V along the token axis by the attention handler."""
         self._mark_called()
         kv = self.up(ACTIVATIONS[self.activation](self.down(self._input(x, self.down.weight)))) * self.scale_value()
-        if kv.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        if plain_path(x) or kv.dtype != x.dtype and not autocast_enabled(x):
             kv = kv.to(x.dtype)
         return kv[..., self._rows["k"]], kv[..., self._rows["v"]]
 
@@ -260,6 +288,18 @@ class LoraBranch(ProjectionBranch):
                 pair = self.pair(c)
                 _add_product_(out.view(c), pair.down(self._input(x2d, pair.down.weight)), pair.up.weight.t(), self.scale)
 
+    def plain_delta(self, x: Tensor, layout: "SlotLayout", out_features: int) -> Tensor:
+        """``scale * sum_p (x A_p^T) B_p^T`` with each ``B_p`` at slot ``p``'s output columns."""
+        self._mark_called()
+        delta = None
+        for c in self.positions:
+            if c in layout.letters:
+                pair = self.pair(c)
+                up = layout.scatter_rows({c: pair.up.weight}, out_features, (pair.down.out_features,))
+                term = F.linear(pair.down(self._input(x, pair.down.weight)), up)
+                delta = term if delta is None else delta + term
+        return delta * self.scale
+
     def delta_weight(self, letter: str) -> Tensor:
         """``scale * B A``, ``(w, d_in)``: what merging adds to the frozen weight's rows."""
         pair = self.pair(letter)
@@ -303,6 +343,9 @@ class AdapterBranch(Branch):
         self._mark_called()
         if self.placement is AdapterPlacement.SEQUENTIAL:
             x = out
+        if plain_path(out):  # traced or meta (vpetl.tracing): out of place, plain ops
+            h = ACTIVATIONS[self.activation](self.down(self._input(x, self.down.weight)))
+            return out + (self.up(h) * self.scale_value()).to(out.dtype)
         if self.learned_scale is not None:
             h = ACTIVATIONS[self.activation](self.down(self._input(x, self.down.weight)))
             return out + (self.up(h) * self.learned_scale).to(out.dtype)

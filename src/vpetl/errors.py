@@ -32,6 +32,11 @@ class MergeError(VpetlError):
     """A branch cannot be folded into the frozen weights (it is nonlinear)."""
 
 
+class ExportError(VpetlError):
+    """An export or graph-capture route cannot reproduce the injected model; the message names
+    the routes that do."""
+
+
 class BaseWeightsWarning(UserWarning):
     """The delta was trained on other base weights than the ones it is loaded onto."""
 

@@ -28,6 +28,7 @@ from . import kernels
 from .kernels import torch_path
 from .branches import ProjectionBranch
 from .config import Kernel
+from .tracing import plain_path
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,20 @@ class SlotLayout:
         hd = out_features // (n * self.heads)
         return (torch.arange(self.heads)[:, None] * (n * hd) + i * hd + torch.arange(hd)).reshape(-1)
 
+    def scatter_rows(self, pieces: dict[str, Tensor], out_features: int, rest: tuple[int, ...] = ()) -> Tensor:
+        """The ``(out_features, *rest)`` tensor whose rows at slot ``c``'s output columns are
+        ``pieces[c]`` (``(w, *rest)``, in :meth:`view`'s column order) and zero elsewhere; built
+        with ``cat``/``stack`` only, so graph tracers and exporters record it as it is. ``rest``
+        is given, not read off the pieces, whose shapes an FX tracer does not know."""
+        n = len(self.letters)
+        first = next(iter(pieces.values()))
+        zeros = first.new_zeros((out_features // n, *rest))
+        blocks = [pieces.get(c, zeros) for c in self.letters]
+        if not self.heads:
+            return torch.cat(blocks, 0)
+        hd = out_features // (n * self.heads)
+        return torch.stack([b.reshape(self.heads, hd, *rest) for b in blocks], 1).reshape(out_features, *rest)
+
     def runs(self, positions: str) -> list[str]:
         """Group ``positions`` held here into runs of adjacent columns (one GEMM each)."""
         runs: list[str] = []
@@ -103,14 +118,28 @@ def project(
     ``nn.MultiheadAttention``'s in-projection, window attention) runs as one fused op: the
     Triton kernels when the branch's kernel selects them (:mod:`vpetl.kernels`), otherwise
     :mod:`vpetl.kernels.torch_path`. Everything else (LoRA, separate K and V Linears sharing
-    one ``h``, several branches) takes :func:`project_generic`.
+    one ``h``, several branches) takes :func:`project_generic`; FX/TorchScript tracing and the
+    ``meta`` device take :func:`project_plain` (see :mod:`vpetl.tracing`).
     """
+    if plain_path(x):
+        return project_plain(x, weight, bias, layout, branches)
     x2d = x.reshape(-1, x.shape[-1])
     if len(branches) == 1 and branches[0].kind == "patt" and branches[0].fusable:
         fused = _single_patt(x2d, weight, bias, layout, branches[0])
         if fused is not None:
             return fused.view(*x.shape[:-1], weight.shape[0])
     return project_generic(x, weight, bias, layout, branches)
+
+
+def project_plain(
+    x: Tensor, weight: Tensor, bias: Tensor | None, layout: SlotLayout, branches: list[ProjectionBranch]
+) -> Tensor:
+    """The same sum out of place with plain ops, for tracers, exporters and the ``meta``
+    device (:mod:`vpetl.tracing`): ``x W^T + b + sum of branch.plain_delta(x)``."""
+    out = F.linear(x, weight, bias)
+    for branch in branches:
+        out = out + branch.plain_delta(x, layout, weight.shape[0]).to(out.dtype)
+    return out
 
 
 def project_generic(

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .branches import ACTIVATIONS, Branch
 from .config import PrefixConfig
+from .tracing import autocast_enabled, plain_path
 
 Placement = Literal["prepend", "append"]
 
@@ -30,8 +31,8 @@ class KeyValueBranch(Branch):
     """Protocol of a token-axis branch.
 
     ``placement``: "prepend" -- ``keys_values`` returns ``(L, d_k)``, ``(L, d_v)``, shared by
-    the batch; "append" -- it returns ``(..., N, d_k)``, ``(..., N, d_v)`` with the input's
-    leading dims (one extra key per input token).
+    the batch, ``L`` being the branch's ``length``; "append" -- it returns ``(..., N, d_k)``,
+    ``(..., N, d_v)`` with the input's leading dims (one extra key per input token).
     """
 
     placement: Placement = "prepend"
@@ -69,7 +70,7 @@ class PrefixBranch(KeyValueBranch):
     def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._mark_called()
         kv = self.up(ACTIVATIONS[self.activation](self.down(self.tokens)))  # (L, d_k + d_v)
-        if kv.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        if plain_path(x) or kv.dtype != x.dtype and not autocast_enabled(x):
             kv = kv.to(x.dtype)
         return kv[:, : self.d_key], kv[:, self.d_key :]
 

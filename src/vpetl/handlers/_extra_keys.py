@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..tracing import plain_path
+
 EXTRA_KV_ATTR = "_vpetl_extra_kv"
 
 
@@ -82,23 +84,25 @@ def extend_keys(
         ``K'``, ``V'`` ``(B, H, S', hd)`` and the :class:`KeyLayout` of their key axis.
     """
     rows, heads, source, head_dim = k.shape
+    checked = not plain_path(k)  # traced shapes are not known: the checks run in eager forwards
     front_k, front_v, back_k, back_v = [], [], [], []
     prefix = copies = 0
     for branch in branches:
         placement = branch.placement
         if placement == "prepend":
             ek, ev = branch.keys_values(x_key)  # (L, H*hd), shared by all rows
-            for name, t in (("keys", ek), ("values", ev)):
-                _check_width(branch, name, t, heads, head_dim)
+            if checked:
+                for name, t in (("keys", ek), ("values", ev)):
+                    _check_width(branch, name, t, heads, head_dim)
             front_k.append(per_head(ek.to(k.dtype), heads).expand(rows, -1, -1, -1))
             front_v.append(per_head(ev.to(v.dtype), heads).expand(rows, -1, -1, -1))
-            prefix += ek.shape[0]
+            prefix += branch.length
         elif placement == "append":
             if x_value is x_key:
                 ek, ev = branch.keys_values(x_key)  # (B, S, H*hd) each
             else:
                 ek, ev = branch.keys_values(x_key)[0], branch.keys_values(x_value)[1]
-            for name, t in (("keys", ek), ("values", ev)):
+            for name, t in (("keys", ek), ("values", ev)) if checked else ():
                 _check_width(branch, name, t, heads, head_dim)
                 if t.shape[:-1] != (rows, source):
                     raise RuntimeError(
@@ -122,6 +126,8 @@ def extend_keys(
 
 def _key_columns(t: Tensor, layout: KeyLayout, what: str) -> Tensor:
     """``t`` with its last (key) axis of length ``S`` (a length-1 axis is broadcast to ``S``)."""
+    if plain_path(t):  # traced: sizes unknown; expand keeps an S axis and broadcasts a 1
+        return t.expand(*t.shape[:-1], layout.source)
     if t.shape[-1] == layout.source:
         return t
     if t.shape[-1] == 1:
@@ -139,7 +145,7 @@ def extend_mask(mask: Tensor, layout: KeyLayout, allowed: bool | float) -> Tenso
     ``allowed`` is the value meaning "may attend": ``0.0`` for an additive float mask,
     ``True`` for a bool mask in SDPA's convention, ``False`` in ``nn.MultiheadAttention``'s.
     """
-    if layout.total == layout.source:
+    if not (layout.prefix or layout.copies):
         return mask
     mask = _key_columns(mask, layout, "attention mask")
     parts = []
@@ -152,7 +158,7 @@ def extend_mask(mask: Tensor, layout: KeyLayout, allowed: bool | float) -> Tenso
 def extend_bias(bias: Tensor, layout: KeyLayout) -> Tensor:
     """``(..., S)`` -> ``(..., S')`` with 0 for every extra key (a position bias, e.g. Swin's
     relative-position bias ``(1, H, N, N)``: the extra keys have no position)."""
-    if layout.total == layout.source:
+    if not (layout.prefix or layout.copies):
         return bias
     bias = _key_columns(bias, layout, "position bias")
     front = bias.new_zeros((*bias.shape[:-1], layout.prefix))

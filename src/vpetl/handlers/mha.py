@@ -109,6 +109,21 @@ class _BranchedAttention:
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
+        return branched_attention_forward(
+            self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+        )
+
+    def _forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None,
+        need_weights: bool,
+        attn_mask: Tensor | None,
+        average_attn_weights: bool,
+        is_causal: bool,
+    ) -> tuple[Tensor, Tensor | None]:
         if query.is_nested or key.is_nested or value.is_nested:
             return self._nested_forward(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
         batched = query.dim() == 3
@@ -235,8 +250,18 @@ class _BranchedAttention:
                 f"(got batch_first={self.batch_first}, need_weights={need_weights})."
             )
         padded, padding, lengths = unnest(query)
-        out, _ = self.forward(padded, padded, padded, key_padding_mask=padding, need_weights=False, is_causal=is_causal)
+        out, _ = self._forward(padded, padded, padded, padding, False, None, True, is_causal)
         return renest(out, lengths), None
+
+
+def branched_attention_forward(module: _BranchedAttention, *args) -> tuple[Tensor, Tensor | None]:
+    """``module._forward(*args)``. ``torch.fx`` treats ``nn.MultiheadAttention`` as a leaf (one
+    graph node); this wrapped function makes the adapted module one node too, run eagerly when
+    the graph runs, since its input checks and mask handling branch on tensor values."""
+    return module._forward(*args)
+
+
+torch.fx.wrap("branched_attention_forward")
 
 
 def _cat_token(t: Tensor, token: Tensor) -> Tensor:

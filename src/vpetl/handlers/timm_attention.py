@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._extra_keys import EXTRA_KV_ATTR, extend_keys, extend_mask
+from ._extra_keys import EXTRA_KV_ATTR, KeyLayout, extend_keys, extend_mask
 
 CLASS_PREFIX = "VpetlExtraKeys"
 
@@ -54,6 +54,33 @@ def _causal(length: int, like: Tensor) -> Tensor:
     return torch.ones(length, length, dtype=torch.bool, device=like.device).tril_()
 
 
+def extended_mask(
+    attn_mask: Tensor | None, is_causal: bool, x: Tensor, source: int, prefix: int, copies: int
+) -> Tensor | None:
+    """The causal mask over the ``source`` input keys if ``is_causal``, else ``attn_mask`` (SDPA
+    convention), extended for the extra keys; None without either. Wrapped for ``torch.fx``:
+    the traced graph calls it, so whether a mask was passed is decided when the graph runs, as
+    timm's own forward leaves it to SDPA."""
+    mask = _causal(source, x) if is_causal else attn_mask
+    if mask is None:
+        return None
+    return extend_mask(mask, KeyLayout(source, prefix, copies), allowed=True if mask.dtype == torch.bool else 0.0)
+
+
+def masked_scores(scores: Tensor, mask: Tensor | None) -> Tensor:
+    """``scores + mask`` (a bool mask: -inf where False); ``scores`` without a mask. Wrapped
+    for ``torch.fx`` like :func:`extended_mask`."""
+    if mask is None:
+        return scores
+    if mask.dtype == torch.bool:
+        mask = torch.zeros_like(mask, dtype=scores.dtype).masked_fill_(~mask, float("-inf"))
+    return scores + mask
+
+
+torch.fx.wrap("extended_mask")
+torch.fx.wrap("masked_scores")
+
+
 class _ExtraKeysForward:
     """timm 1.0.31 ``Attention.forward`` with extended keys and values (module docstring)."""
 
@@ -65,9 +92,7 @@ class _ExtraKeysForward:
         k, v, layout = extend_keys(k, v, x, x, self.__dict__.get(EXTRA_KV_ATTR, ()))
         q, k = self.q_norm(q), self.k_norm(k)
 
-        mask = _causal(N, x) if is_causal else attn_mask
-        if mask is not None:
-            mask = extend_mask(mask, layout, allowed=True if mask.dtype == torch.bool else 0.0)
+        mask = extended_mask(attn_mask, is_causal, x, layout.source, layout.prefix, layout.copies)
         if self.fused_attn:
             x = F.scaled_dot_product_attention(
                 q, k, v,
@@ -76,11 +101,7 @@ class _ExtraKeysForward:
             )
         else:
             q = q * self.scale
-            attn = q @ k.transpose(-2, -1)
-            if mask is not None:
-                if mask.dtype == torch.bool:
-                    mask = torch.zeros_like(mask, dtype=attn.dtype).masked_fill_(~mask, float("-inf"))
-                attn = attn + mask
+            attn = masked_scores(q @ k.transpose(-2, -1), mask)
             attn = attn.softmax(dim=-1)
             attn = self.attn_drop(attn)
             x = attn @ v

@@ -125,6 +125,11 @@ def variant_of(cls: type) -> WindowVariant | None:
 
 
 def _forward(self: nn.Module, x: Tensor) -> Tensor:
+    """The adapted class's forward: :func:`window_forward`, one node for ``torch.fx``."""
+    return window_forward(self, x)
+
+
+def window_forward(self: nn.Module, x: Tensor) -> Tensor:
     """Window attention with the injected branches added into Q/K/V (see the module docstring).
 
     Args:
@@ -164,6 +169,10 @@ def _forward(self: nn.Module, x: Tensor) -> Tensor:
         training=self.training,
     )
 
+
+# torch.fx records a call to this function instead of tracing into it (as torchvision wraps
+# its own window-attention functions): padding and shifts branch on the input's size.
+torch.fx.wrap("window_forward")
 
 _BRANCHED_CLASSES: dict[type, type] = {}
 

@@ -1,0 +1,131 @@
+"""Every way out of Python reproduces the injected model, or refuses clearly; never a silent base model.
+
+Routes: ``torch.onnx.export`` (TorchScript and dynamo exporters, run in onnxruntime),
+``torch.export.export``, ``torch.jit.trace``, ``torch.fx.symbolic_trace`` and a forward on the
+``meta`` device, each on timm ViT, torchvision ViT (``nn.MultiheadAttention``) and torchvision
+Swin3D with PATT, the adapter, LoRA, BAPAT and prefix-tuning. Every branch is perturbed away
+from its init so it changes the output (checked), and each route is compared with eager.
+``torch.jit.script`` raises :class:`vpetl.ExportError` naming the routes that work.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+
+import vpetl
+
+from test_compile import CASES
+
+METHODS = ["patt", "adapter", "lora", "bapat", "prefix"]
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module", params=[(n, m) for n in CASES for m in METHODS], ids=lambda p: f"{p[0]}-{p[1]}")
+def case(request):
+    """(injected model in eval mode, input, eager output); the branches matter (checked)."""
+    name, method = request.param
+    factory, shape = CASES[name]
+    torch.manual_seed(0)
+    model = factory().eval()
+    x = torch.randn(shape)
+    with torch.no_grad():
+        base = model(x)
+    vpetl.inject(model, method, d_bottle=4)
+    with torch.no_grad():
+        for param in vpetl.delta_state_dict(model).values():
+            param.add_(torch.randn_like(param) * 0.2)
+        eager = model(x)
+    effect = (eager - base).abs().max().item()
+    assert effect > 100 * TOLERANCE, f"the {method} branches barely change the output ({effect:.1e})"
+    return model, x, eager
+
+
+def _assert_reproduces(out, eager, route):
+    out = torch.as_tensor(out)
+    assert out.shape == eager.shape, route
+    err = (out - eager).abs().max().item()
+    assert err < TOLERANCE, f"{route}: max error {err:.2e} against the eager injected model"
+
+
+def _onnx_run(model, x, dynamo: bool):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, (x,), None if dynamo else buffer, dynamo=dynamo, input_names=["x"],
+                                    verbose=False)
+    data = program.model_proto.SerializeToString() if dynamo else buffer.getvalue()
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def test_onnx_torchscript_exporter(case, request):
+    model, x, eager = case
+    if "torchvision-vit-adapter" in request.node.name:
+        # inject freezes nn.MultiheadAttention's weights, and in eval mode a frozen MHA takes
+        # torch's fused inference kernel, which this exporter cannot translate: torch's error,
+        # loud, the same for any frozen torchvision ViT. vpetl leaves that attention alone.
+        request.applymarker(pytest.mark.xfail(raises=torch.onnx.errors.UnsupportedOperatorError, strict=True))
+    _assert_reproduces(_onnx_run(model, x, dynamo=False), eager, "torch.onnx.export(dynamo=False)")
+
+
+def test_onnx_dynamo_exporter(case):
+    model, x, eager = case
+    _assert_reproduces(_onnx_run(model, x, dynamo=True), eager, "torch.onnx.export(dynamo=True)")
+
+
+def test_torch_export(case):
+    model, x, eager = case
+    program = torch.export.export(model, (x,))
+    with torch.no_grad():
+        _assert_reproduces(program.module()(x), eager, "torch.export.export")
+
+
+def test_jit_trace(case):
+    model, x, eager = case
+    with torch.no_grad():
+        traced = torch.jit.trace(model, (x,))
+        _assert_reproduces(traced(x), eager, "torch.jit.trace")
+        _assert_reproduces(traced(x), eager, "torch.jit.trace, second call")
+
+
+def test_fx_symbolic_trace(case):
+    model, x, eager = case
+    graph_module = torch.fx.symbolic_trace(model)
+    with torch.no_grad():
+        _assert_reproduces(graph_module(x), eager, "torch.fx.symbolic_trace")
+
+
+def test_meta_forward_gives_the_shape(case):
+    model, x, eager = case
+    clone = copy.deepcopy(model).to("meta")
+    out = clone(x.to("meta"))
+    assert out.device.type == "meta" and out.shape == eager.shape
+
+
+def test_jit_script_refuses_and_names_the_routes_that_work(case):
+    model, _, _ = case
+    with pytest.raises(vpetl.ExportError, match=r"torch\.jit\.script.*torch\.jit\.trace.*torch\.export\.export"):
+        torch.jit.script(model)
+    assert vpetl.summary(model).trainable > 0  # the model is untouched and still injected
+
+
+def test_merged_lora_model_scripts():
+    factory, shape = CASES["timm-vit"]
+    torch.manual_seed(0)
+    model = vpetl.inject(factory().eval(), "lora", d_bottle=4)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        for param in vpetl.delta_state_dict(model).values():
+            param.add_(torch.randn_like(param) * 0.2)
+        eager = model(x)
+    vpetl.merge(model)
+    with torch.no_grad():
+        _assert_reproduces(torch.jit.script(model)(x), eager, "torch.jit.script after vpetl.merge")
