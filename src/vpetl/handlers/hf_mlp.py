@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ..branches import AdapterBranch
+from ..derived import Derived, derived_class
 from ..config import AdapterPlacement
 from ..errors import InjectionError
 from ..record import InjectionRecord
@@ -58,36 +59,34 @@ class MlpInputLink:
         return x
 
 
-_INTERMEDIATE_CLASSES: dict[type, type] = {}
-_OUTPUT_CLASSES: dict[type, type] = {}
+class IntermediateForward(Derived):
+    """Mixin: forward also passes its input (the MLP's input) to the link."""
+
+    class_prefix = "Adapted"
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = super().forward(hidden_states, *args, **kwargs)
+        self.__dict__[LINK_ATTR].put(hidden_states)
+        return out
+
+
+class OutputForward(Derived):
+    """Mixin: forward adds ``s * adapter(y)`` (``y`` from the link) to its result."""
+
+    class_prefix = "Adapted"
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        link = self.__dict__[LINK_ATTR]
+        return link.adapter.add_to(out, link.take(self))
 
 
 def adapted_intermediate_class(cls: type) -> type:
-    """``cls`` whose forward also passes its input (the MLP's input) to the link."""
-    if cls not in _INTERMEDIATE_CLASSES:
-
-        def forward(self, hidden_states, *args, **kwargs):
-            out = cls.forward(self, hidden_states, *args, **kwargs)
-            self.__dict__[LINK_ATTR].put(hidden_states)
-            return out
-
-        _INTERMEDIATE_CLASSES[cls] = type(
-            f"Adapted{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__}
-        )
-    return _INTERMEDIATE_CLASSES[cls]
+    return derived_class(IntermediateForward, cls)
 
 
 def adapted_output_class(cls: type) -> type:
-    """``cls`` whose forward adds ``s * adapter(y)`` (``y`` from the link) to its result."""
-    if cls not in _OUTPUT_CLASSES:
-
-        def forward(self, *args, **kwargs):
-            out = cls.forward(self, *args, **kwargs)
-            link = self.__dict__[LINK_ATTR]
-            return link.adapter.add_to(out, link.take(self))
-
-        _OUTPUT_CLASSES[cls] = type(f"Adapted{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
-    return _OUTPUT_CLASSES[cls]
+    return derived_class(OutputForward, cls)
 
 
 @dataclass

@@ -81,6 +81,7 @@ from torch import Tensor, nn
 
 from ..branches import AdapterBranch, PattBranch, ProjectionBranch
 from ..errors import InjectionError
+from ..derived import Derived, derived_class
 from ..projection import SlotLayout, project
 from ..record import InjectionRecord
 from ._attention_math import additive_mask, attend, causal_mask, merge_masks, renest, unnest
@@ -95,7 +96,7 @@ LETTERS = "qkv"
 # --------------------------------------------------------------------------- attention
 
 
-class _BranchedAttention:
+class _BranchedAttention(Derived):
     """Forward of ``nn.MultiheadAttention`` with branches added into Q/K/V (see module docs)."""
 
     def forward(
@@ -274,20 +275,14 @@ def _pad_last(mask: Tensor, count: int) -> Tensor:
     return F.pad(mask, (0, count))
 
 
-class VpetlMultiheadAttention(_BranchedAttention, nn.MultiheadAttention):
-    """``nn.MultiheadAttention`` whose forward adds vpetl branches into Q/K/V (same keys)."""
-
-
-_ATTENTION_CLASSES: dict[type, type] = {nn.MultiheadAttention: VpetlMultiheadAttention}
-
-
 def attention_class(cls: type) -> type:
     """The adapted class for ``cls`` (``nn.MultiheadAttention`` or a subclass keeping its forward)."""
     if issubclass(cls, _BranchedAttention):
         return cls
-    if cls not in _ATTENTION_CLASSES:
-        _ATTENTION_CLASSES[cls] = type(f"Vpetl{cls.__name__}", (_BranchedAttention, cls), {"__module__": __name__})
-    return _ATTENTION_CLASSES[cls]
+    return derived_class(_BranchedAttention, cls)
+
+
+VpetlMultiheadAttention = attention_class(nn.MultiheadAttention)
 
 
 def plain_attention(module: nn.Module | None) -> bool:
@@ -309,7 +304,7 @@ def check_supported(attn: nn.MultiheadAttention) -> None:
 # --------------------------------------------------------------------------- layers
 
 
-class _AdaptedFeedForward:
+class _AdaptedFeedForward(Derived):
     """``_ff_block(y) + vpetl_adapter(y)`` when the layer has an adapter (Eq. 7, parallel)."""
 
     def _ff_block(self, x: Tensor) -> Tensor:
@@ -356,18 +351,8 @@ class _RegularPathEncoderLayer:
         return x
 
 
-class VpetlTransformerEncoderLayer(_RegularPathEncoderLayer, _AdaptedFeedForward, nn.TransformerEncoderLayer):
-    """``nn.TransformerEncoderLayer`` that always runs its regular path and may hold an adapter."""
-
-
-class VpetlTransformerDecoderLayer(_AdaptedFeedForward, nn.TransformerDecoderLayer):
-    """``nn.TransformerDecoderLayer`` whose feed-forward may hold an adapter."""
-
-
-_LAYER_CLASSES: dict[type, type] = {
-    nn.TransformerEncoderLayer: VpetlTransformerEncoderLayer,
-    nn.TransformerDecoderLayer: VpetlTransformerDecoderLayer,
-}
+class _RegularPathAdaptedLayer(_RegularPathEncoderLayer, _AdaptedFeedForward):
+    """An encoder layer that always runs its regular path and may hold an adapter."""
 
 
 def layer_class(cls: type) -> type:
@@ -375,12 +360,13 @@ def layer_class(cls: type) -> type:
     stock forward also loses its fast path; a subclass with its own forward keeps it."""
     if issubclass(cls, _AdaptedFeedForward):
         return cls
-    if cls not in _LAYER_CLASSES:
-        bases: tuple[type, ...] = (_AdaptedFeedForward, cls)
-        if issubclass(cls, nn.TransformerEncoderLayer) and cls.forward is nn.TransformerEncoderLayer.forward:
-            bases = (_RegularPathEncoderLayer,) + bases
-        _LAYER_CLASSES[cls] = type(f"Vpetl{cls.__name__}", bases, {"__module__": __name__})
-    return _LAYER_CLASSES[cls]
+    if issubclass(cls, nn.TransformerEncoderLayer) and cls.forward is nn.TransformerEncoderLayer.forward:
+        return derived_class(_RegularPathAdaptedLayer, cls)
+    return derived_class(_AdaptedFeedForward, cls)
+
+
+VpetlTransformerEncoderLayer = layer_class(nn.TransformerEncoderLayer)
+VpetlTransformerDecoderLayer = layer_class(nn.TransformerDecoderLayer)
 
 
 def _ensure_layer_class(layer: nn.Module, record: InjectionRecord) -> None:

@@ -14,23 +14,24 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..branches import AdapterBranch
+from ..derived import Derived, derived_class
 from ..record import InjectionRecord
 
 MLP_NAMES = ("mlp", "ffn", "feed_forward", "mlp_block")
 
-_ADAPTED_CLASSES: dict[type, type] = {}
+class AdaptedForward(Derived):
+    """Mixin: forward is ``Base.forward(x, ...) + adapter(x)``; the adapter is reached through
+    the plain attribute ``_vpetl_adapter = (adapter,)`` (a tuple: no submodule, no new keys)."""
+
+    class_prefix = "Adapted"
+
+    def forward(self, x, *args, **kwargs):
+        return self._vpetl_adapter[0].add_to(super().forward(x, *args, **kwargs), x)
 
 
 def adapted_class(cls: type) -> type:
-    """``cls`` with forward ``cls.forward(x, ...) + adapter(x)`` (made once per class); the
-    adapter is reached through the plain attribute ``_vpetl_adapter = (adapter,)``."""
-    if cls not in _ADAPTED_CLASSES:
-
-        def forward(self, x, *args, **kwargs):
-            return self._vpetl_adapter[0].add_to(cls.forward(self, x, *args, **kwargs), x)
-
-        _ADAPTED_CLASSES[cls] = type(f"Adapted{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
-    return _ADAPTED_CLASSES[cls]
+    """``cls`` with :class:`AdaptedForward`'s forward (:func:`vpetl.derived.derived_class`)."""
+    return derived_class(AdaptedForward, cls)
 
 
 def find_mlp(block: nn.Module) -> str | None:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..derived import Derived, derived_class
 from ._extra_keys import EXTRA_KV_ATTR, KeyLayout, extend_keys, extend_mask
 
 CLASS_PREFIX = "VpetlExtraKeys"
@@ -81,8 +82,10 @@ torch.fx.wrap("extended_mask")
 torch.fx.wrap("masked_scores")
 
 
-class _ExtraKeysForward:
+class _ExtraKeysForward(Derived):
     """timm 1.0.31 ``Attention.forward`` with extended keys and values (module docstring)."""
+
+    class_prefix = CLASS_PREFIX
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         B, N, C = x.shape
@@ -120,9 +123,6 @@ class _ExtraKeysForward:
         return f"{base + ', ' if base else ''}extra_kv=[{kinds}]"
 
 
-_CLASSES: dict[type, type] = {}
-
-
 def supports(cls: type) -> bool:
     """True for timm's ``Attention`` or a subclass keeping its forward."""
     base = timm_attention_class()
@@ -130,15 +130,8 @@ def supports(cls: type) -> bool:
 
 
 def extra_keys_class(cls: type) -> type:
-    """``cls`` with the extra-keys forward (made once per class; for timm's own ``Attention`` it
-    is ``vpetl.handlers.timm_attention.VpetlExtraKeysAttention``, so a model pickles)."""
-    if cls not in _CLASSES:
-        name = CLASS_PREFIX + cls.__name__
-        new = type(name, (_ExtraKeysForward, cls), {"__module__": __name__, "__qualname__": name})
-        _CLASSES[cls] = new
-        if cls is timm_attention_class():
-            globals()[name] = new
-    return _CLASSES[cls]
+    """``cls`` with the extra-keys forward (:func:`vpetl.derived.derived_class`)."""
+    return derived_class(_ExtraKeysForward, cls)
 
 
 def is_adapted(module: nn.Module) -> bool:
@@ -146,7 +139,7 @@ def is_adapted(module: nn.Module) -> bool:
 
 
 def __getattr__(name: str) -> Any:
-    """Create ``VpetlExtraKeysAttention`` on first lookup (e.g. when unpickling a model)."""
+    """``VpetlExtraKeysAttention`` by name: whole-model pickles written by vpetl 0.1.0 name it."""
     if name == CLASS_PREFIX + "Attention":
         from timm.layers.attention import Attention
 

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from ..branches import ProjectionBranch
+from ..derived import Derived, derived_class
 from ..errors import InjectionError
 from ..record import InjectionRecord
 from ._extra_keys import EXTRA_KV_ATTR
@@ -124,9 +125,20 @@ def variant_of(cls: type) -> WindowVariant | None:
     return None
 
 
-def _forward(self: nn.Module, x: Tensor) -> Tensor:
-    """The adapted class's forward: :func:`window_forward`, one node for ``torch.fx``."""
-    return window_forward(self, x)
+class _WindowForward(Derived):
+    """Mixin: the window attention computed by :func:`window_forward`, one node for ``torch.fx``."""
+
+    class_prefix = CLASS_PREFIX
+
+    @classmethod
+    def derived_namespace(cls, base: type) -> dict[str, Any]:
+        variant = variant_of(base)
+        if variant is None:  # pragma: no cover - callers check first
+            raise InjectionError(f"{base.__name__} is not a torchvision window attention vpetl can adapt.")
+        return {"_vpetl_variant": variant}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return window_forward(self, x)
 
 
 def window_forward(self: nn.Module, x: Tensor) -> Tensor:
@@ -174,36 +186,15 @@ def window_forward(self: nn.Module, x: Tensor) -> Tensor:
 # its own window-attention functions): padding and shifts branch on the input's size.
 torch.fx.wrap("window_forward")
 
-_BRANCHED_CLASSES: dict[type, type] = {}
-
 
 def branched_class(cls: type) -> type:
-    """``cls`` with :func:`_forward` (made once per class). Named ``Vpetl<cls name>`` in this
-    module, so an injected model of torchvision's classes can be pickled."""
-    if cls not in _BRANCHED_CLASSES:
-        variant = variant_of(cls)
-        if variant is None:  # pragma: no cover - callers check first
-            raise InjectionError(f"{cls.__name__} is not a torchvision window attention vpetl can adapt.")
-        name = CLASS_PREFIX + cls.__name__
-        new = type(
-            name,
-            (cls,),
-            {
-                "forward": _forward,
-                "_vpetl_variant": variant,
-                "__module__": __name__,
-                "__qualname__": name,
-                "__doc__": f"{cls.__name__} whose forward adds vpetl branches into Q/K/V (vpetl.handlers.window).",
-            },
-        )
-        _BRANCHED_CLASSES[cls] = new
-        if cls in _known_classes():
-            globals()[name] = new
-    return _BRANCHED_CLASSES[cls]
+    """``cls`` with :class:`_WindowForward` (:func:`vpetl.derived.derived_class`), named
+    ``Vpetl<cls name>`` in this module."""
+    return derived_class(_WindowForward, cls)
 
 
 def __getattr__(name: str) -> Any:
-    """Create ``Vpetl<torchvision class>`` on first lookup (e.g. when unpickling a model)."""
+    """``Vpetl<torchvision class>`` by name: whole-model pickles written by vpetl 0.1.0 name it."""
     if name.startswith(CLASS_PREFIX):
         import importlib
 
@@ -227,7 +218,7 @@ class WindowAttentionHandler(AttentionHandler):
     def _check(self, module: nn.Module) -> WindowVariant:
         """The module's variant; ``InjectionError`` for anything this handler cannot reproduce."""
         cls = type(module)
-        if cls in _BRANCHED_CLASSES.values():
+        if issubclass(cls, _WindowForward):
             raise InjectionError(
                 f"{cls.__name__} is already injected by vpetl; call vpetl.unload(model) before injecting again."
             )
@@ -294,7 +285,7 @@ class WindowAttentionHandler(AttentionHandler):
         """Prefix / PATT ``concat`` keys joined to every window's K and V (bias and shift mask
         padded, see :mod:`vpetl.handlers._window_math`); the class is swapped unless
         :meth:`wire` already did, the branches go in the plain attribute ``_vpetl_extra_kv``."""
-        if type(module) not in _BRANCHED_CLASSES.values():
+        if not isinstance(module, _WindowForward):
             self._check(module)
             record.swap_class(module, branched_class(type(module)))
         record.set_attr(module, EXTRA_KV_ATTR, tuple(branches))
