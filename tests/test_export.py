@@ -129,3 +129,53 @@ def test_merged_lora_model_scripts():
     vpetl.merge(model)
     with torch.no_grad():
         _assert_reproduces(torch.jit.script(model)(x), eager, "torch.jit.script after vpetl.merge")
+
+
+@pytest.mark.parametrize("method", ["bapat", "lora", "prefix"])
+def test_torchvision_feature_extractor(method):
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    factory, shape = CASES["torchvision-vit"]
+    torch.manual_seed(0)
+    model = vpetl.inject(factory().eval(), method, d_bottle=4)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        for param in vpetl.delta_state_dict(model).values():
+            param.add_(torch.randn_like(param) * 0.2)
+        extractor = create_feature_extractor(model, {"encoder.ln": "features", "heads": "logits"})
+        out = extractor(x)
+        _assert_reproduces(out["logits"], model(x), "create_feature_extractor")
+        assert out["features"].shape == (shape[0], 17, 32)
+
+
+@pytest.mark.parametrize("method", ["bapat", "lora", "prefix"])
+def test_timm_fx_feature_extraction(method):
+    from timm.models import create_feature_extractor
+
+    factory, shape = CASES["timm-vit"]
+    torch.manual_seed(0)
+    model = vpetl.inject(factory().eval(), method, d_bottle=4)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        for param in vpetl.delta_state_dict(model).values():
+            param.add_(torch.randn_like(param) * 0.2)
+        extractor = create_feature_extractor(model, {"norm": "features"})
+        _assert_reproduces(extractor(x)["features"], model.forward_features(x), "timm create_feature_extractor")
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("beit_base_patch16_224", dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)),
+    ("swin_tiny_patch4_window7_224", dict(patch_size=4, embed_dim=16, depths=(1, 1), num_heads=(2, 2), window_size=4)),
+])
+@pytest.mark.parametrize("method", ["bapat", "lora"])
+def test_fx_on_timm_beit_and_swin(name, kwargs, method):
+    import timm
+
+    torch.manual_seed(0)
+    model = vpetl.inject(timm.create_model(name, pretrained=False, num_classes=5, img_size=32, **kwargs).eval(),
+                         method, d_bottle=4)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for param in vpetl.delta_state_dict(model).values():
+            param.add_(torch.randn_like(param) * 0.2)
+        _assert_reproduces(torch.fx.symbolic_trace(model)(x), model(x), f"torch.fx.symbolic_trace on {name}")
