@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kernels
+from . import kernels, scripting
 from .tracing import autocast_enabled, plain_path, raise_not_scriptable
 from .config import Activation, AdapterConfig, AdapterPlacement, Kernel, LoraConfig, PattConfig, PattVariant
 
@@ -51,9 +51,15 @@ class Branch(nn.Module):
         self._call_log: set | None = None  # set by vpetl.inject.record_calls while checking
         self.keep_float32 = False  # InjectConfig.branch_dtype == "float32"
 
+    scriptable = False  # whether the modules consuming this kind can compile it (vpetl.scripting)
+
     def __prepare_scriptable__(self) -> "Branch":
-        """``torch.jit.script`` calls this on every submodule before compiling: refuse clearly."""
-        raise_not_scriptable(self)
+        """``torch.jit.script`` calls this on every submodule before compiling: refuse clearly
+        where :mod:`vpetl.scripting` does not cover this kind."""
+        if not self.scriptable:
+            raise_not_scriptable(self)
+        scripting.check_ready(self)
+        return self
 
     def _mark_called(self) -> None:
         if self._call_log is not None:
@@ -86,9 +92,11 @@ class Branch(nn.Module):
 
 
 class ProjectionBranch(Branch):
-    """A branch that adds into position slots of attention projections (PATT, LoRA)."""
+    """A branch that adds into position slots of attention projections (PATT, LoRA).
 
-    positions: str
+    Subclasses set ``self.positions``, the letters of "qkv" they cover, on construction (not
+    annotated here: ``torch.jit.script`` would read a string annotation as a type it cannot resolve).
+    """
 
     def add_into_(self, x: Tensor, x2d: Tensor, out: "OutputSlots") -> None:
         """Add this branch's matmul part into the slots of ``out`` (a projection output) for
@@ -138,6 +146,7 @@ class PattBranch(ProjectionBranch):
     """
 
     kind = "patt"
+    scriptable = True
     placement = "append"  # where the ``concat`` variant's keys go (see vpetl.token_branches)
 
     def __init__(self, d_in: int, widths: Mapping[str, int], config: PattConfig, bias: bool, consumers: int = 1):
@@ -265,6 +274,7 @@ class LoraBranch(ProjectionBranch):
     """
 
     kind = "lora"
+    scriptable = True
 
     def __init__(self, d_in: int, widths: Mapping[str, int], config: LoraConfig):
         super().__init__()
@@ -313,6 +323,7 @@ class AdapterBranch(Branch):
     """AdaptFormer adapter: ``s * up(act(down(x)))``; identity at init (zero ``up``, zero biases)."""
 
     kind = "adapter"
+    scriptable = True
 
     def __init__(self, d_in: int, config: AdapterConfig, d_out: int | None = None):
         super().__init__()
@@ -331,6 +342,7 @@ class AdapterBranch(Branch):
     def scale_value(self) -> float | Tensor:
         return self.scale if self.learned_scale is None else self.learned_scale
 
+    @torch.jit.unused
     def forward(self, x: Tensor) -> Tensor:
         self._mark_called()
         return self.up(ACTIVATIONS[self.activation](self.down(self._input(x, self.down.weight)))) * self.scale_value()

@@ -32,6 +32,13 @@ class Derived:
     def derived_namespace(cls, base: type) -> dict[str, Any]:
         return {}
 
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` calls this first: a mixin that :mod:`vpetl.scripting` covers
+        overrides it; any other refuses with :class:`vpetl.ExportError`."""
+        from .tracing import raise_not_scriptable
+
+        raise_not_scriptable(self)
+
     def __reduce_ex__(self, protocol: int):
         mixin, base = type(self).__vpetl_origin__
         reduced = object.__reduce_ex__(self, max(protocol, 2))  # (copyreg.__newobj__, (cls,), state, ...)

@@ -30,7 +30,7 @@ from .heads import find_head_paths
 from .kernels import triton_available
 from .presets import OPTIONS, preset
 from .projection import BranchedLinear
-from .record import InjectionRecord, get_record, set_record
+from .record import AWAITING_FIRST_FORWARD, InjectionRecord, get_record, set_record
 from .token_branches import PrefixBranch
 
 PROJECTION_CHILD_NAMES = frozenset(
@@ -370,6 +370,7 @@ def _install_first_forward_check(model: nn.Module, record: InjectionRecord) -> N
     pre = model.register_forward_pre_hook(_start_check)
     post = model.register_forward_hook(_finish_check)
     record.hooks.extend([("pre", pre.id), ("post", post.id)])
+    AWAITING_FIRST_FORWARD.add(model)
 
 
 def _start_check(module: nn.Module, args: Any) -> None:

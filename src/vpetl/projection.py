@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kernels
+from . import kernels, scripting
 from .kernels import torch_path
 from .branches import ProjectionBranch
 from .config import Kernel
@@ -305,6 +305,8 @@ class BranchedLinear(nn.Linear):
     PATT branch may feed several projections); here they are plain references.
     """
 
+    __jit_unused_properties__ = ["base"]  # torch.jit.script compiles properties unless told
+
     def __init__(self, base: nn.Linear, layout: SlotLayout):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -321,9 +323,21 @@ class BranchedLinear(nn.Linear):
     def attach(self, branch: ProjectionBranch) -> None:
         self._branches.append(branch)
 
-
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # see vpetl.scripting
+            return scripting.projection_sum(x, self.weight, self.bias, self._vpetl_script_tensors,
+                                            self._vpetl_script_ints)
+        return self._eager_forward(x)
+
+    @torch.jit.unused
+    def _eager_forward(self, x: Tensor) -> Tensor:
         return project(x, self.weight, self.bias, self.layout, self._branches)
+
+    def __prepare_scriptable__(self) -> "BranchedLinear":
+        """Called by ``torch.jit.script``: store the branches' plan (:mod:`vpetl.scripting`)."""
+        tensors, ints = scripting.projection_plan(self._branches, self.layout, self.out_features)
+        self.__dict__["_vpetl_script_tensors"], self.__dict__["_vpetl_script_ints"] = tensors, ints
+        return self
 
     def extra_repr(self) -> str:
         kinds = ", ".join(b.kind for b in self._branches)

@@ -7,6 +7,7 @@ of an injected model then yields a record that points at the copy's modules.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,9 @@ from .config import InjectConfig
 from .derived import derived_class, is_derived
 
 RECORD_ATTR = "_vpetl"
+
+# Injected models whose first-forward branch check (hooks on the root) is still pending.
+AWAITING_FIRST_FORWARD: weakref.WeakSet = weakref.WeakSet()
 _MISSING = object()
 
 
@@ -177,6 +181,7 @@ class InjectionRecord:
         self.undo_log.append(RequiresGrad([(p, p.requires_grad) for p in model.parameters()]))
 
     def remove_hooks(self, model: nn.Module) -> None:
+        AWAITING_FIRST_FORWARD.discard(model)
         for kind, hook_id in self.hooks:
             hooks = model._forward_pre_hooks if kind == "pre" else model._forward_hooks
             hooks.pop(hook_id, None)

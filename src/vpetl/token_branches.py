@@ -52,6 +52,7 @@ class PrefixBranch(KeyValueBranch):
     """
 
     kind = "prefix"
+    scriptable = True
     placement: Placement = "prepend"
 
     def __init__(self, d_in: int, d_key: int, d_value: int, config: PrefixConfig):

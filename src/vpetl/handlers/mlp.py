@@ -8,18 +8,23 @@ placement that suits pre- and post-norm blocks alike). ``vpetl.unload`` swaps th
 """
 from __future__ import annotations
 
+import inspect
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
+from .. import scripting
 from ..branches import AdapterBranch
+from ..config import AdapterPlacement
 from ..derived import Derived, derived_class
 from ..record import InjectionRecord
 
 MLP_NAMES = ("mlp", "ffn", "feed_forward", "mlp_block")
 
-class AdaptedForward(Derived):
+class AdaptedForwardArgs(Derived):
     """Mixin: forward is ``Base.forward(x, ...) + adapter(x)``; the adapter is reached through
     the plain attribute ``_vpetl_adapter = (adapter,)`` (a tuple: no submodule, no new keys)."""
 
@@ -29,9 +34,49 @@ class AdaptedForward(Derived):
         return self._vpetl_adapter[0].add_to(super().forward(x, *args, **kwargs), x)
 
 
+class AdaptedForward(Derived):
+    """Mixin for an MLP whose forward takes one tensor: ``Base.forward(x) + adapter(x)``, and
+    the same under ``torch.jit.script`` (:mod:`vpetl.scripting`; ``Base.forward`` is compiled
+    as the method ``_vpetl_base_forward``)."""
+
+    class_prefix = "Adapted"
+
+    @classmethod
+    def derived_namespace(cls, base: type) -> dict:
+        forward = base.forward  # the same code under another name: TorchScript compiles methods by name
+        renamed = types.FunctionType(forward.__code__, forward.__globals__, "_vpetl_base_forward",
+                                     forward.__defaults__, forward.__closure__)
+        renamed.__qualname__ = f"{base.__qualname__}._vpetl_base_forward"
+        return {"_vpetl_base_forward": renamed}
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            out = self._vpetl_base_forward(x)
+            source = out if self._vpetl_script_reads_output else x
+            return scripting.records_sum(out, source, self._vpetl_script_tensors, self._vpetl_script_ints)
+        return self._vpetl_eager_forward(x)
+
+    @torch.jit.unused
+    def _vpetl_eager_forward(self, x: Tensor) -> Tensor:
+        return self._vpetl_adapter[0].add_to(super().forward(x), x)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        adapter = self._vpetl_adapter[0]
+        tensors, ints = scripting.adapter_plan(adapter)
+        self.__dict__.update(
+            _vpetl_script_tensors=tensors, _vpetl_script_ints=ints,
+            _vpetl_script_reads_output=adapter.placement is AdapterPlacement.SEQUENTIAL,
+        )
+        return self
+
+
 def adapted_class(cls: type) -> type:
-    """``cls`` with :class:`AdaptedForward`'s forward (:func:`vpetl.derived.derived_class`)."""
-    return derived_class(AdaptedForward, cls)
+    """``cls`` with the adapter added to its forward (:func:`vpetl.derived.derived_class`):
+    :class:`AdaptedForward` when ``cls.forward`` takes one argument, else :class:`AdaptedForwardArgs`."""
+    parameters = list(inspect.signature(cls.forward).parameters.values())[1:]
+    one_tensor = len(parameters) == 1 and parameters[0].kind in (
+        inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return derived_class(AdaptedForward if one_tensor else AdaptedForwardArgs, cls)
 
 
 def find_mlp(block: nn.Module) -> str | None:

@@ -27,13 +27,15 @@ subclass with another forward computes something vpetl cannot know, and is refus
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import scripting
 from ..derived import Derived, derived_class
+from ..tracing import raise_not_scriptable
 from ._extra_keys import EXTRA_KV_ATTR, KeyLayout, extend_keys, extend_mask
 
 CLASS_PREFIX = "VpetlExtraKeys"
@@ -87,7 +89,64 @@ class _ExtraKeysForward(Derived):
 
     class_prefix = CLASS_PREFIX
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._vpetl_scripted_forward(x, attn_mask, is_causal)
+        return self._vpetl_eager_forward(x, attn_mask, is_causal)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script``: one prefix branch is covered (:mod:`vpetl.scripting`)."""
+        branches = self.__dict__.get(EXTRA_KV_ATTR, ())
+        if len(branches) != 1 or branches[0].kind != "prefix":
+            raise_not_scriptable(self)
+        tensors, ints = scripting.prefix_plan(branches[0])
+        self.__dict__.update(_vpetl_script_tensors=tensors, _vpetl_script_ints=ints)
+        return self
+
+    def _vpetl_scripted_forward(self, x: Tensor, attn_mask: Optional[Tensor], is_causal: bool) -> Tensor:
+        """The forward below for one prefix branch, in TorchScript's subset."""
+        B, N, C = x.shape
+        gate: Optional[Tensor] = None
+        if self.gate is not None:
+            gate = self.gate(x).sigmoid()
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        prefix_k, prefix_v = scripting.prefix_keys_values(self._vpetl_script_tensors, self._vpetl_script_ints)
+        length = prefix_k.shape[0]
+        prefix_k = prefix_k.to(k.dtype).reshape(length, self.num_heads, self.head_dim).transpose(0, 1)
+        prefix_v = prefix_v.to(v.dtype).reshape(length, self.num_heads, self.head_dim).transpose(0, 1)
+        k = torch.cat([prefix_k.unsqueeze(0).expand(B, -1, -1, -1), k], dim=2)
+        v = torch.cat([prefix_v.unsqueeze(0).expand(B, -1, -1, -1), v], dim=2)
+        q, k = self.q_norm(q), self.k_norm(k)
+        mask = attn_mask
+        if is_causal:
+            mask = torch.ones([N, N], dtype=torch.bool, device=x.device).tril()
+        if mask is not None:
+            front_shape = mask.shape[:-1] + [length]
+            if mask.dtype == torch.bool:
+                front = torch.ones(front_shape, dtype=torch.bool, device=mask.device)
+            else:
+                front = torch.zeros(front_shape, dtype=mask.dtype, device=mask.device)
+            mask = torch.cat([front, mask.expand(mask.shape[:-1] + [N])], dim=-1)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.attn_drop.p if self.training else 0.0
+            )
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if mask is not None:
+                if mask.dtype == torch.bool:
+                    mask = torch.zeros(mask.shape, dtype=attn.dtype, device=attn.device).masked_fill(~mask, float("-inf"))
+                attn = attn + mask
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+    @torch.jit.unused
+    def _vpetl_eager_forward(self, x: Tensor, attn_mask: Optional[Tensor], is_causal: bool) -> Tensor:
         B, N, C = x.shape
         gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
