@@ -5,8 +5,8 @@ Routes: ``torch.onnx.export`` (TorchScript and dynamo exporters, run in onnxrunt
 ``meta`` device, each on timm ViT, torchvision ViT (``nn.MultiheadAttention``) and torchvision
 Swin3D with PATT, the adapter, LoRA, BAPAT and prefix-tuning. Every branch is perturbed away
 from its init so it changes the output (checked), and each route is compared with eager.
-``torch.jit.script`` reproduces the models :mod:`vpetl.scripting` covers and raises
-:class:`vpetl.ExportError` naming the routes that work for the others.
+``torch.jit.script`` reproduces them too (:mod:`vpetl.scripting`); what it does not cover raises
+:class:`vpetl.ExportError` naming the routes that work.
 """
 
 from __future__ import annotations
@@ -111,18 +111,8 @@ def test_meta_forward_gives_the_shape(case):
     assert out.device.type == "meta" and out.shape == eager.shape
 
 
-# vpetl.scripting covers timm attention and MLP adapters; torchvision's MultiheadAttention and
-# window attention, which vpetl re-implements in Python, refuse clearly.
-SCRIPTED = {f"timm-vit-{m}" for m in METHODS} | {"torchvision-vit-adapter", "swin3d-adapter"}
-
-
-def test_jit_script(case, request):
+def test_jit_script(case):
     model, x, eager = case
-    if request.node.callspec.id not in SCRIPTED:
-        with pytest.raises(vpetl.ExportError, match=r"torch\.jit\.script.*torch\.export\.export.*torch\.jit\.trace"):
-            torch.jit.script(model)
-        assert vpetl.summary(model).trainable > 0  # the model is untouched and still injected
-        return
     scripted = torch.jit.script(model)
     with torch.no_grad():
         _assert_reproduces(scripted(x), eager, "torch.jit.script")
@@ -132,6 +122,34 @@ def test_jit_script(case, request):
     buffer.seek(0)
     with torch.no_grad():
         _assert_reproduces(torch.jit.load(buffer)(x), eager, "torch.jit.save / torch.jit.load")
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("method", ["bapat", "prefix"])
+def test_jit_script_torchvision_swin_and_swin_v2(version, method):
+    from torchvision.models import swin_transformer as tv_swin
+
+    extra = {} if version == 1 else dict(block=tv_swin.SwinTransformerBlockV2, downsample_layer=tv_swin.PatchMergingV2)
+    torch.manual_seed(0)
+    model = tv_swin.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2],
+                                    window_size=[4, 4], num_classes=5, **extra).eval()
+    vpetl.inject(model, method, d_bottle=4)
+    x = torch.randn(2, 3, 36, 28)  # padded to whole windows, shifted blocks
+    with torch.no_grad():
+        for param in vpetl.delta_state_dict(model).values():
+            param.add_(torch.randn_like(param) * 0.2)
+        eager = model(x)
+        _assert_reproduces(torch.jit.script(model)(x), eager, f"torch.jit.script of torchvision Swin v{version}")
+
+
+@pytest.mark.parametrize("variant", ["concat"])
+def test_jit_script_refuses_what_it_does_not_cover(variant):
+    factory, shape = CASES["timm-vit"]
+    torch.manual_seed(0)
+    model = vpetl.inject(factory().eval(), "patt", d_bottle=4, variant=variant, example_input=torch.randn(shape))
+    with pytest.raises(vpetl.ExportError, match=r"torch\.jit\.script.*torch\.export\.export.*torch\.jit\.trace"):
+        torch.jit.script(model)
+    assert vpetl.summary(model).trainable > 0  # the model is untouched and still injected
 
 
 def test_jit_script_shares_the_parameters_and_gradients():

@@ -15,9 +15,13 @@ s]`` and :data:`RECORD_INTS` ints ``[activation, has b_down, has b_up, reads tok
 ``U_r``/``c_r`` are the up rows ``rows`` placed at output columns ``cols`` (zeros elsewhere);
 ``src_r`` is ``x`` or the learned ``tokens`` (PATT ``no_input``, broadcast over the batch). A
 PATT branch is one record; LoRA is one record per position with the identity activation.
-Supported: timm attention with a fused or separate q/k/v projection (PATT, LoRA), MLP adapters
-beside a one-argument MLP forward, prefix tokens in timm ``Attention``. Other vpetl modules
-raise :class:`vpetl.ExportError` naming the routes that work.
+Covered: PATT (variants ``add`` and ``no_input``) and LoRA in any projection vpetl wraps as a
+``BranchedLinear`` (timm attention) or re-implements (``nn.MultiheadAttention``:
+:mod:`vpetl.handlers._mha_script`; torchvision window attention:
+:mod:`vpetl.handlers._window_script`), prefix tokens in those and in timm ``Attention``, and
+adapters beside an MLP whose forward takes one tensor. Anything else (PATT ``concat``, VPT's
+hooks, ``nn.TransformerEncoderLayer``, HF's split MLPs) raises :class:`vpetl.ExportError`
+naming the routes that work.
 """
 
 from typing import List, Optional, Tuple

@@ -42,8 +42,9 @@ def raise_not_scriptable(module: nn.Module) -> None:
     """Raise :class:`ExportError` for ``torch.jit.script`` of a model holding vpetl ``module``,
     which :mod:`vpetl.scripting` does not cover."""
     raise ExportError(
-        f"torch.jit.script cannot compile vpetl's {type(module).__name__}: vpetl scripts timm attention "
-        "(PATT, LoRA, prefix) and one-argument MLPs with an adapter, not this module. Take the injected model "
+        f"torch.jit.script cannot compile vpetl's {type(module).__name__}: vpetl scripts PATT (variant 'add' or "
+        "'no_input'), LoRA and prefix tokens in timm attention, nn.MultiheadAttention and torchvision window "
+        "attention, and adapters beside one-argument MLPs; not this module. Take the injected model "
         "out of Python with torch.export.export(model, (example,)), torch.onnx.export(model, (example,), path) "
         "or torch.jit.trace(model, example), which reproduce it; or call vpetl.merge(model) first (LoRA) to get "
         "a plain model that scripts."

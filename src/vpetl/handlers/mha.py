@@ -74,18 +74,22 @@ cost is computing the padding positions that the fused kernel would skip.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import scripting
 from ..branches import AdapterBranch, PattBranch, ProjectionBranch
-from ..errors import InjectionError
 from ..derived import Derived, derived_class
+from ..errors import InjectionError
 from ..projection import SlotLayout, project
 from ..record import InjectionRecord
+from ..tracing import raise_not_scriptable
 from ._attention_math import additive_mask, attend, causal_mask, merge_masks, renest, unnest
 from ._extra_keys import EXTRA_KV_ATTR, extend_keys, extend_mask
+from ._mha_script import multihead_attention
 from .base import AttentionHandler, ProjectionSpec
 from .mlp import MLP_LOCATORS, MlpSite
 
@@ -104,15 +108,58 @@ class _BranchedAttention(Derived):
         query: Tensor,
         key: Tensor,
         value: Tensor,
-        key_padding_mask: Tensor | None = None,
+        key_padding_mask: Optional[Tensor] = None,
         need_weights: bool = True,
-        attn_mask: Tensor | None = None,
+        attn_mask: Optional[Tensor] = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        if torch.jit.is_scripting():  # vpetl.handlers._mha_script
+            return multihead_attention(
+                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal,
+                self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias, self.num_heads,
+                self.batch_first, self.dropout, self.training, self._vpetl_script_tensors, self._vpetl_script_ints,
+            )
+        return self._vpetl_eager_forward(
+            query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+        )
+
+    @torch.jit.unused
+    def _vpetl_eager_forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Optional[Tensor],
+        need_weights: bool,
+        attn_mask: Optional[Tensor],
+        average_attn_weights: bool,
+        is_causal: bool,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
         return branched_attention_forward(
             self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
         )
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script``: the branches as the plan :func:`multihead_attention` reads."""
+        extra_kv = self.__dict__.get(EXTRA_KV_ATTR, ())
+        if self.bias_k is not None or self.add_zero_attn or not self._qkv_same_embed_dim:
+            raise_not_scriptable(self)
+        if len(extra_kv) > 1 or any(b.kind != "prefix" for b in extra_kv):
+            raise_not_scriptable(self)
+        branches = getattr(self, BRANCHES_ATTR, ())
+        tensors, counts, ints = [self.in_proj_weight.new_zeros(0)], [], []
+        for letter in LETTERS:
+            letter_tensors, letter_ints = scripting.projection_plan(
+                [b for b in branches if letter in b.positions], SlotLayout(letter), self.embed_dim)
+            tensors += letter_tensors
+            ints += letter_ints
+            counts.append(len(letter_ints) // scripting.RECORD_INTS)
+        prefix = [1, *scripting.prefix_plan(extra_kv[0])[1]] if extra_kv else [0, 0, 0]
+        if extra_kv:
+            tensors += scripting.prefix_plan(extra_kv[0])[0]
+        self.__dict__.update(_vpetl_script_tensors=tensors, _vpetl_script_ints=counts + prefix + ints)
+        return self
 
     def _forward(
         self,

@@ -45,17 +45,20 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, List, Optional
 
 import torch
 from torch import Tensor, nn
 
+from .. import scripting
 from ..branches import ProjectionBranch
 from ..derived import Derived, derived_class
 from ..errors import InjectionError
 from ..record import InjectionRecord
+from ..tracing import raise_not_scriptable
 from ._extra_keys import EXTRA_KV_ATTR
 from ._window_math import QKV_LAYOUT, window_attention
+from ._window_script import window_attention as scripted_window_attention
 from .base import AttentionHandler, ProjectionSpec
 
 BRANCHES_ATTR = "_vpetl_branches"
@@ -125,8 +128,47 @@ def variant_of(cls: type) -> WindowVariant | None:
     return None
 
 
+class _ShrinkingWindowBias:
+    """Swin3D: the relative-position bias of the window fitted to the input."""
+
+    def _vpetl_position_bias(self, window: List[int]) -> Tensor:
+        return self.get_relative_position_bias(window)
+
+
+class _FixedWindowBias:
+    """Swin, SwinV2: the bias of the module's own window."""
+
+    def _vpetl_position_bias(self, window: List[int]) -> Tensor:
+        return self.get_relative_position_bias()
+
+
+class _CosineScores:
+    """SwinV2: cosine attention with ``logit_scale``; the K third of the qkv bias is zero."""
+
+    def _vpetl_logit_scale(self) -> Optional[Tensor]:
+        return self.logit_scale
+
+    def _vpetl_qkv_bias(self) -> Optional[Tensor]:
+        bias = self.qkv.bias
+        if bias is None:
+            return None
+        third = bias.shape[0] // 3
+        return torch.cat((bias[:third], torch.zeros_like(bias[third : 2 * third]), bias[2 * third :]))
+
+
+class _DotScores:
+    """Swin, Swin3D: scaled dot-product attention."""
+
+    def _vpetl_logit_scale(self) -> Optional[Tensor]:
+        return None
+
+    def _vpetl_qkv_bias(self) -> Optional[Tensor]:
+        return self.qkv.bias
+
+
 class _WindowForward(Derived):
-    """Mixin: the window attention computed by :func:`window_forward`, one node for ``torch.fx``."""
+    """Mixin: the window attention computed by :func:`window_forward` (one node for
+    ``torch.fx``); under ``torch.jit.script``, by :mod:`vpetl.handlers._window_script`."""
 
     class_prefix = CLASS_PREFIX
 
@@ -135,10 +177,58 @@ class _WindowForward(Derived):
         variant = variant_of(base)
         if variant is None:  # pragma: no cover - callers check first
             raise InjectionError(f"{base.__name__} is not a torchvision window attention vpetl can adapt.")
-        return {"_vpetl_variant": variant}
+        bias = _ShrinkingWindowBias if variant.shrink_window else _FixedWindowBias
+        scores = _CosineScores if variant.cosine else _DotScores
+        return {
+            "_vpetl_variant": variant,
+            "_vpetl_position_bias": bias._vpetl_position_bias,
+            "_vpetl_logit_scale": scores._vpetl_logit_scale,
+            "_vpetl_qkv_bias": scores._vpetl_qkv_bias,
+        }
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._vpetl_scripted_forward(x)
+        return self._vpetl_eager_forward(x)
+
+    @torch.jit.unused
+    def _vpetl_eager_forward(self, x: Tensor) -> Tensor:
         return window_forward(self, x)
+
+    def _vpetl_scripted_forward(self, x: Tensor) -> Tensor:
+        """Window and shift fitted to the input as torchvision does, then the scripted attention."""
+        ints: List[int] = self._vpetl_script_ints
+        window: List[int] = []
+        shift: List[int] = []
+        for i in range(len(self.window_size)):
+            size, w, s = x.shape[1 + i], self.window_size[i], self.shift_size[i]
+            if ints[0] == 1:
+                if size <= w:
+                    w, s = size, 0
+            elif w >= (size + w - 1) // w * w:  # one window spans the padded axis
+                s = 0
+            window.append(w)
+            shift.append(s)
+        return scripted_window_attention(
+            x, self.qkv.weight, self._vpetl_qkv_bias(), self.proj.weight, self.proj.bias,
+            self._vpetl_position_bias(window), window, shift, self.num_heads, self._vpetl_logit_scale(),
+            self.attention_dropout, self.dropout, self.training, self._vpetl_script_tensors, ints,
+        )
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script``: the branches as the plan the scripted attention reads."""
+        extra_kv = self.__dict__.get(EXTRA_KV_ATTR, ())
+        if len(extra_kv) > 1 or any(b.kind != "prefix" for b in extra_kv):
+            raise_not_scriptable(self)
+        tensors, ints = scripting.projection_plan(self.__dict__.get(BRANCHES_ATTR, ()), QKV_LAYOUT, self.qkv.out_features)
+        head = [int(type(self)._vpetl_variant.shrink_window), 0, 0, 0]
+        tensors = [self.qkv.weight.new_zeros(0), *tensors]
+        if extra_kv:
+            prefix_tensors, prefix_ints = scripting.prefix_plan(extra_kv[0])
+            tensors += prefix_tensors
+            head[1:] = [1, *prefix_ints]
+        self.__dict__.update(_vpetl_script_tensors=tensors, _vpetl_script_ints=head + ints)
+        return self
 
 
 def window_forward(self: nn.Module, x: Tensor) -> Tensor:
