@@ -53,9 +53,20 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from queue import Empty
 from typing import Any, Callable
 
-from provenance import git_state  # noqa: E402  (the one sibling module, imported before the folder is dropped)
+
+def _git_state() -> dict:
+    """benchmarks/provenance.py's ``git_state``, loaded by path: the memory workers re-import
+    this script in a fresh process whose sys.path no longer holds this folder."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_vpetl_bench_provenance", Path(__file__).with_name("provenance.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.git_state()
+
 
 # Python puts this script's folder first on sys.path; benchmarks/kernels.py would then shadow the
 # Hugging Face `kernels` package that transformers (imported by peft) probes for. Nothing else here
@@ -360,7 +371,16 @@ def measure_memory(spec: ModelSpec, method: Method, args: argparse.Namespace) ->
     queue = ctx.Queue()
     proc = ctx.Process(target=_memory_entry, args=(job, queue))
     proc.start()
-    status, payload = queue.get()
+    while True:  # a worker that dies before reporting (import error, OOM kill) must not hang us
+        try:
+            status, payload = queue.get(timeout=5)
+            break
+        except Empty:
+            if not proc.is_alive():
+                raise RuntimeError(
+                    f"memory worker for {spec.name}/{method.label} exited with code {proc.exitcode} "
+                    "without reporting (see its stderr above)."
+                ) from None
     proc.join()
     if status != "ok":
         raise RuntimeError(f"memory worker for {spec.name}/{method.label} failed:\n{payload}")
@@ -739,7 +759,7 @@ def metadata(args: argparse.Namespace) -> dict[str, Any]:
         "optimizer": "torch.optim.AdamW(lr=1e-4), torch defaults for the device",
         "loss": "cross_entropy over random labels, num_classes=10",
         "command": " ".join(["python benchmarks/train_step.py", *sys.argv[1:]]),
-        **git_state(),
+        **_git_state(),
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import timm
@@ -169,13 +170,15 @@ def test_inject_twice_raises(vit):
         vpetl.inject(vit, "lora")
 
 
-def test_inject_rejects_bad_arguments(vit):
+def test_inject_rejects_bad_arguments(vit, monkeypatch):
     with pytest.raises(ValueError, match="unknown method 'patt2'"):
         vpetl.inject(vit, "patt2")
     with pytest.raises(TypeError, match="torch.nn.Module"):
         vpetl.inject("vit", "patt")
     with pytest.raises(vpetl.ConfigError, match="either an InjectConfig or keyword options"):
         vpetl.inject(vit, vpetl.preset("patt"), d_bottle=3)
+    # where the kernels cannot run (no CUDA device here; on a GPU machine: as if Triton were missing)
+    monkeypatch.setattr(sys.modules["vpetl.inject"], "triton_available", lambda: False)
     with pytest.raises(vpetl.ConfigError, match="kernel=.triton. needs the Triton kernels"):
         vpetl.inject(vit, "patt", kernel="triton")
     assert get_record(vit) is None and all(p.requires_grad for p in vit.parameters())
