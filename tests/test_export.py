@@ -37,13 +37,28 @@ def case(request):
     with torch.no_grad():
         base = model(x)
     vpetl.inject(model, method, d_bottle=4)
+    _perturb(model)
     with torch.no_grad():
-        for param in vpetl.delta_state_dict(model).values():
-            param.add_(torch.randn_like(param) * 0.2)
         eager = model(x)
     effect = (eager - base).abs().max().item()
     assert effect > 100 * TOLERANCE, f"the {method} branches barely change the output ({effect:.1e})"
     return model, x, eager
+
+
+def _perturb(model):
+    """Move every delta tensor away from its init, so each branch changes the output."""
+    with torch.no_grad():
+        for param in vpetl.delta_state_dict(model).values():
+            param.add_(torch.randn_like(param) * 0.2)
+    return model
+
+
+def _perturbed(name: str, method: str):
+    """An injected eval-mode model of ``CASES[name]``, perturbed, and an input."""
+    factory, shape = CASES[name]
+    torch.manual_seed(0)
+    model = _perturb(vpetl.inject(factory().eval(), method, d_bottle=4))
+    return model, torch.randn(shape)
 
 
 def _assert_reproduces(out, eager, route):
@@ -135,9 +150,8 @@ def test_jit_script_torchvision_swin_and_swin_v2(version, method):
                                     window_size=[4, 4], num_classes=5, **extra).eval()
     vpetl.inject(model, method, d_bottle=4)
     x = torch.randn(2, 3, 36, 28)  # padded to whole windows, shifted blocks
+    _perturb(model)
     with torch.no_grad():
-        for param in vpetl.delta_state_dict(model).values():
-            param.add_(torch.randn_like(param) * 0.2)
         eager = model(x)
         _assert_reproduces(torch.jit.script(model)(x), eager, f"torch.jit.script of torchvision Swin v{version}")
 
@@ -160,9 +174,8 @@ def test_jit_script_shares_the_parameters_and_gradients():
     x = torch.randn(shape)
     vpetl.verify(model, x)
     scripted = torch.jit.script(model)
+    _perturb(model)
     with torch.no_grad():
-        for param in vpetl.delta_state_dict(model).values():
-            param.add_(torch.randn_like(param) * 0.2)
         _assert_reproduces(scripted(x), model(x), "torch.jit.script after training the eager model")
     scripted(x).square().sum().backward()
     grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
@@ -184,9 +197,8 @@ def test_merged_lora_model_scripts():
     torch.manual_seed(0)
     model = vpetl.inject(factory().eval(), "lora", d_bottle=4)
     x = torch.randn(shape)
+    _perturb(model)
     with torch.no_grad():
-        for param in vpetl.delta_state_dict(model).values():
-            param.add_(torch.randn_like(param) * 0.2)
         eager = model(x)
     vpetl.merge(model)
     with torch.no_grad():
@@ -197,30 +209,20 @@ def test_merged_lora_model_scripts():
 def test_torchvision_feature_extractor(method):
     from torchvision.models.feature_extraction import create_feature_extractor
 
-    factory, shape = CASES["torchvision-vit"]
-    torch.manual_seed(0)
-    model = vpetl.inject(factory().eval(), method, d_bottle=4)
-    x = torch.randn(shape)
+    model, x = _perturbed("torchvision-vit", method)
     with torch.no_grad():
-        for param in vpetl.delta_state_dict(model).values():
-            param.add_(torch.randn_like(param) * 0.2)
         extractor = create_feature_extractor(model, {"encoder.ln": "features", "heads": "logits"})
         out = extractor(x)
         _assert_reproduces(out["logits"], model(x), "create_feature_extractor")
-        assert out["features"].shape == (shape[0], 17, 32)
+        assert out["features"].shape == (x.shape[0], 17, 32)
 
 
 @pytest.mark.parametrize("method", ["bapat", "lora", "prefix"])
 def test_timm_fx_feature_extraction(method):
     from timm.models import create_feature_extractor
 
-    factory, shape = CASES["timm-vit"]
-    torch.manual_seed(0)
-    model = vpetl.inject(factory().eval(), method, d_bottle=4)
-    x = torch.randn(shape)
+    model, x = _perturbed("timm-vit", method)
     with torch.no_grad():
-        for param in vpetl.delta_state_dict(model).values():
-            param.add_(torch.randn_like(param) * 0.2)
         extractor = create_feature_extractor(model, {"norm": "features"})
         _assert_reproduces(extractor(x)["features"], model.forward_features(x), "timm create_feature_extractor")
 
@@ -237,7 +239,6 @@ def test_fx_on_timm_beit_and_swin(name, kwargs, method):
     model = vpetl.inject(timm.create_model(name, pretrained=False, num_classes=5, img_size=32, **kwargs).eval(),
                          method, d_bottle=4)
     x = torch.randn(2, 3, 32, 32)
+    _perturb(model)
     with torch.no_grad():
-        for param in vpetl.delta_state_dict(model).values():
-            param.add_(torch.randn_like(param) * 0.2)
         _assert_reproduces(torch.fx.symbolic_trace(model)(x), model(x), f"torch.fx.symbolic_trace on {name}")

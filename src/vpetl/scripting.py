@@ -80,6 +80,18 @@ def prefix_keys_values(tensors: List[Tensor], ints: List[int]) -> Tuple[Tensor, 
     return kv[:, : ints[1]], kv[:, ints[1] :]
 
 
+def prepend_prefix(k: Tensor, v: Tensor, tensors: List[Tensor], ints: List[int]) -> Tuple[Tensor, Tensor, int]:
+    """``[P_k | K]``, ``[P_v | V]`` for ``k``, ``v`` ``(B, H, S, hd)`` from a prefix plan (see
+    :func:`prefix_keys_values`), and the prefix length ``L``."""
+    prefix_k, prefix_v = prefix_keys_values(tensors, ints)
+    length, batch, heads, head_dim = prefix_k.shape[0], k.shape[0], k.shape[1], k.shape[3]
+    prefix_k = prefix_k.to(k.dtype).reshape(length, heads, head_dim).transpose(0, 1).unsqueeze(0)
+    prefix_v = prefix_v.to(v.dtype).reshape(length, heads, head_dim).transpose(0, 1).unsqueeze(0)
+    k = torch.cat([prefix_k.expand(batch, -1, -1, -1), k], dim=2)
+    v = torch.cat([prefix_v.expand(batch, -1, -1, -1), v], dim=2)
+    return k, v, length
+
+
 # ----------------------------------------------------------------------------- building plans
 # (plain Python, run by ``__prepare_scriptable__``; never compiled)
 

@@ -75,12 +75,7 @@ def multihead_attention(
     q, k, v = projected[0], projected[1], projected[2]
     prefix = 0
     if ints[3] == 1:
-        prefix_k, prefix_v = scripting.prefix_keys_values(tensors[tensor_start : tensor_start + 5], [ints[4], ints[5]])
-        prefix = prefix_k.shape[0]
-        prefix_k = prefix_k.to(k.dtype).view(prefix, num_heads, head_dim).transpose(0, 1).unsqueeze(0)
-        prefix_v = prefix_v.to(v.dtype).view(prefix, num_heads, head_dim).transpose(0, 1).unsqueeze(0)
-        k = torch.cat([prefix_k.expand(batch, -1, -1, -1), k], dim=2)
-        v = torch.cat([prefix_v.expand(batch, -1, -1, -1), v], dim=2)
+        k, v, prefix = scripting.prepend_prefix(k, v, tensors[tensor_start : tensor_start + 5], [ints[4], ints[5]])
     sources = k.shape[2] - prefix
 
     mask = _additive(attn_mask, q.dtype)

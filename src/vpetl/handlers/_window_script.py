@@ -116,12 +116,7 @@ def window_attention(
     prefix = 0
     if ints[1] == 1:
         start = 1 + 2 * len(records)
-        prefix_k, prefix_v = scripting.prefix_keys_values(tensors[start : start + 5], [ints[2], ints[3]])
-        prefix = prefix_k.shape[0]
-        prefix_k = prefix_k.to(k.dtype).view(prefix, num_heads, head_dim).transpose(0, 1).unsqueeze(0)
-        prefix_v = prefix_v.to(v.dtype).view(prefix, num_heads, head_dim).transpose(0, 1).unsqueeze(0)
-        k = torch.cat([prefix_k.expand(count, -1, -1, -1), k], dim=2)
-        v = torch.cat([prefix_v.expand(count, -1, -1, -1), v], dim=2)
+        k, v, prefix = scripting.prepend_prefix(k, v, tensors[start : start + 5], [ints[2], ints[3]])
         position_bias = torch.cat(
             [torch.zeros(position_bias.shape[:-1] + [prefix], dtype=position_bias.dtype, device=position_bias.device),
              position_bias], dim=-1)

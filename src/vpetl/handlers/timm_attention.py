@@ -111,12 +111,7 @@ class _ExtraKeysForward(Derived):
             gate = self.gate(x).sigmoid()
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        prefix_k, prefix_v = scripting.prefix_keys_values(self._vpetl_script_tensors, self._vpetl_script_ints)
-        length = prefix_k.shape[0]
-        prefix_k = prefix_k.to(k.dtype).reshape(length, self.num_heads, self.head_dim).transpose(0, 1)
-        prefix_v = prefix_v.to(v.dtype).reshape(length, self.num_heads, self.head_dim).transpose(0, 1)
-        k = torch.cat([prefix_k.unsqueeze(0).expand(B, -1, -1, -1), k], dim=2)
-        v = torch.cat([prefix_v.unsqueeze(0).expand(B, -1, -1, -1), v], dim=2)
+        k, v, length = scripting.prepend_prefix(k, v, self._vpetl_script_tensors, self._vpetl_script_ints)
         q, k = self.q_norm(q), self.k_norm(k)
         mask = attn_mask
         if is_causal:
