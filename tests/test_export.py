@@ -188,6 +188,16 @@ def test_jit_script_shares_the_parameters_and_gradients():
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_unload_after_scripting_leaves_no_reference_to_a_branch(name):
+    model, x = _perturbed(name, "bapat")
+    vpetl.verify(model, x)
+    torch.jit.script(model)
+    vpetl.unload(model)
+    leftovers = [(path, attr) for path, module in model.named_modules() for attr in vars(module) if "vpetl" in attr]
+    assert leftovers == []
+
+
 def test_jit_script_before_the_first_forward_says_what_to_do():
     factory, shape = CASES["timm-vit"]
     model = vpetl.inject(factory().eval(), "patt", d_bottle=4)

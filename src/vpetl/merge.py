@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import scripting
 from .branches import LoraBranch
 from .errors import MergeError
 from .inject import _require_record
@@ -25,6 +26,7 @@ def unload(model: nn.Module) -> nn.Module:
     trained them, as bitfit / full / the head do). Returns the same model."""
     record = _require_record(model)
     record.undo(model)
+    scripting.forget_plans(model)
     set_record(model, None)
     return model
 

@@ -336,7 +336,7 @@ class BranchedLinear(nn.Linear):
     def __prepare_scriptable__(self) -> "BranchedLinear":
         """Called by ``torch.jit.script``: store the branches' plan (:mod:`vpetl.scripting`)."""
         tensors, ints = scripting.projection_plan(self._branches, self.layout, self.out_features)
-        self.__dict__["_vpetl_script_tensors"], self.__dict__["_vpetl_script_ints"] = tensors, ints
+        scripting.store_plan(self, tensors, ints)
         return self
 
     def extra_repr(self) -> str:

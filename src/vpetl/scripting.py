@@ -96,6 +96,21 @@ def prepend_prefix(k: Tensor, v: Tensor, tensors: List[Tensor], ints: List[int])
 # (plain Python, run by ``__prepare_scriptable__``; never compiled)
 
 
+PLAN_ATTRS = ("_vpetl_script_tensors", "_vpetl_script_ints")  # plain attributes TorchScript reads
+
+
+def store_plan(module, tensors: List[Tensor], ints: List[int]) -> None:
+    """Give ``module`` the plan its scripted forward reads (``__prepare_scriptable__``)."""
+    module.__dict__.update(zip(PLAN_ATTRS, (tensors, ints)))
+
+
+def forget_plans(model) -> None:
+    """Drop every stored plan (``vpetl.unload``: no reference to a branch may outlive it)."""
+    for module in model.modules():
+        for name in PLAN_ATTRS:
+            module.__dict__.pop(name, None)
+
+
 def check_ready(module) -> None:
     """Refuse to script while the first-forward branch check of the model holding ``module`` is
     pending: its hooks on the root are Python that TorchScript would try to compile."""

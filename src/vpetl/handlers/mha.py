@@ -158,7 +158,7 @@ class _BranchedAttention(Derived):
         prefix = [1, *scripting.prefix_plan(extra_kv[0])[1]] if extra_kv else [0, 0, 0]
         if extra_kv:
             tensors += scripting.prefix_plan(extra_kv[0])[0]
-        self.__dict__.update(_vpetl_script_tensors=tensors, _vpetl_script_ints=counts + prefix + ints)
+        scripting.store_plan(self, tensors, counts + prefix + ints)
         return self
 
     def _forward(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import types
 from collections.abc import Callable
+from typing import List
 from dataclasses import dataclass
 
 import torch
@@ -52,8 +53,8 @@ class AdaptedForward(Derived):
     def forward(self, x: Tensor) -> Tensor:
         if torch.jit.is_scripting():
             out = self._vpetl_base_forward(x)
-            source = out if self._vpetl_script_reads_output else x
-            return scripting.records_sum(out, source, self._vpetl_script_tensors, self._vpetl_script_ints)
+            ints: List[int] = self._vpetl_script_ints  # [reads the MLP output, record...]
+            return scripting.records_sum(out, out if ints[0] == 1 else x, self._vpetl_script_tensors, ints[1:])
         return self._vpetl_eager_forward(x)
 
     @torch.jit.unused
@@ -63,10 +64,7 @@ class AdaptedForward(Derived):
     def __prepare_scriptable__(self) -> nn.Module:
         adapter = self._vpetl_adapter[0]
         tensors, ints = scripting.adapter_plan(adapter)
-        self.__dict__.update(
-            _vpetl_script_tensors=tensors, _vpetl_script_ints=ints,
-            _vpetl_script_reads_output=adapter.placement is AdapterPlacement.SEQUENTIAL,
-        )
+        scripting.store_plan(self, tensors, [int(adapter.placement is AdapterPlacement.SEQUENTIAL), *ints])
         return self
 
 

@@ -100,7 +100,7 @@ class _ExtraKeysForward(Derived):
         if len(branches) != 1 or branches[0].kind != "prefix":
             raise_not_scriptable(self)
         tensors, ints = scripting.prefix_plan(branches[0])
-        self.__dict__.update(_vpetl_script_tensors=tensors, _vpetl_script_ints=ints)
+        scripting.store_plan(self, tensors, ints)
         return self
 
     def _vpetl_scripted_forward(self, x: Tensor, attn_mask: Optional[Tensor], is_causal: bool) -> Tensor:

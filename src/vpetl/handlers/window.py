@@ -227,7 +227,7 @@ class _WindowForward(Derived):
             prefix_tensors, prefix_ints = scripting.prefix_plan(extra_kv[0])
             tensors += prefix_tensors
             head[1:] = [1, *prefix_ints]
-        self.__dict__.update(_vpetl_script_tensors=tensors, _vpetl_script_ints=head + ints)
+        scripting.store_plan(self, tensors, head + ints)
         return self
 
 
