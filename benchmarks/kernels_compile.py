@@ -9,7 +9,8 @@ the GPU and whether a configuration spills or cannot fit, not how fast they run
 Usage:
     python benchmarks/kernels_compile.py              # sm_90 (H100)
     python benchmarks/kernels_compile.py --arch 80    # sm_80 (A100)
-Writes benchmarks/results/kernels_compile_sm<arch>.json and .md.
+    python benchmarks/kernels_compile.py --suffix _triton3.8   # another Triton release beside
+Writes benchmarks/results/kernels_compile_sm<arch><suffix>.json and .md.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, choices=sorted(aot.SHARED_LIMIT))
     parser.add_argument("--ranks", default="16,32,64,128,256", help="comma-separated PATT ranks")
+    parser.add_argument("--suffix", default="", help="appended to the output name, e.g. _triton3.8 for another release")
     args = parser.parse_args()
     reason = aot.aot_supported()
     if reason:
@@ -62,7 +64,7 @@ def main() -> None:
         "problem": "PATT on K/V of a d=768 qkv projection, 394 tokens, forward + backward", **git_state(),
     }
     RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"kernels_compile_sm{args.arch}"
+    stem = RESULTS / f"kernels_compile_sm{args.arch}{args.suffix}"
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [
         f"# Triton kernels compiled for {meta['target']} (no GPU used)",
