@@ -64,8 +64,8 @@ def main() -> None:
         "problem": "PATT on K/V of a d=768 qkv projection, 394 tokens, forward + backward", **git_state(),
     }
     RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"kernels_compile_sm{args.arch}{args.suffix}"
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    stem = RESULTS / f"kernels_compile_sm{args.arch}{args.suffix}"  # the suffix may hold a dot: no with_suffix
+    Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [
         f"# Triton kernels compiled for {meta['target']} (no GPU used)",
         "",
@@ -82,7 +82,7 @@ def main() -> None:
         lines.append(f"| {row['kernel']} | {row['dtype']} | {row['rank']} | {tiles} | {row['shared_bytes']} | "
                      f"{'yes' if row['fits'] else 'no'} | {row.get('reg', '-')} | {row.get('stack', '-')} | "
                      f"{row.get('local', '-')} |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {stem}.json and .md ({len(rows)} compiled configurations)")
 
 

@@ -30,8 +30,8 @@ SHARED_LIMIT = {90: 232448, 80: 166912}
 
 # Register spill (stack bytes per thread) a kernel may show before a test calls its tiles wrong.
 # How much a tile spills depends on the ptxas and Triton release pip picked (the fp32 backward
-# at r = 64 spills 0 B with Triton 3.9 and 24 B with Triton 3.8 on sm_90): a few dozen bytes
-# are the compiler's choice and cost little; tiles too large for the register file spilled
+# tile once used at r = 64 spilled 0 B with Triton 3.9 and 24 B with 3.8 on sm_90): a few dozen
+# bytes are the compiler's choice and cost little; tiles too large for the register file spilled
 # kilobytes (5.5-17 KB before the tiles were chosen from the report). The exact figures per
 # release are reported by benchmarks/kernels_compile.py.
 SPILL_LIMIT = 256
