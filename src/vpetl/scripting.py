@@ -133,13 +133,15 @@ def _index(values, device) -> Tensor:
 def _record(tensors: list, ints: list, *, tokens, down, up, rows, cols, scale, activation: str) -> None:
     ref = down.weight
     empty = ref.new_zeros(0)
-    scale_tensor = scale if isinstance(scale, Tensor) else torch.tensor(float(scale), dtype=ref.dtype, device=ref.device)
+    if not isinstance(scale, Tensor):
+        scale = torch.tensor(float(scale), dtype=ref.dtype, device=ref.device)
     tensors += [
         empty if tokens is None else tokens, down.weight, empty if down.bias is None else down.bias,
         up.weight, empty if up.bias is None else up.bias, _index(rows, ref.device), _index(cols, ref.device),
-        scale_tensor,
+        scale,
     ]
-    ints += [ACTIVATION_CODES[activation], int(down.bias is not None), int(up.bias is not None), int(tokens is not None)]
+    ints += [ACTIVATION_CODES[activation], int(down.bias is not None), int(up.bias is not None),
+             int(tokens is not None)]
 
 
 def projection_plan(branches, layout, out_features: int) -> Tuple[List[Tensor], List[int]]:

@@ -76,7 +76,8 @@ def _shift_mask(padded: List[int], window: List[int], shift: List[int], like: Te
         labels = labels * 3 + axis.view(shape)
     labels = _partition(labels.unsqueeze(0).unsqueeze(-1), window).squeeze(-1)
     different = labels.unsqueeze(2) != labels.unsqueeze(1)
-    return torch.zeros(different.shape, dtype=like.dtype, device=like.device).masked_fill(different, -100.0)  # _window_math.MASK_VALUE
+    zeros = torch.zeros(different.shape, dtype=like.dtype, device=like.device)
+    return zeros.masked_fill(different, -100.0)  # _window_math.MASK_VALUE
 
 
 def window_attention(

@@ -11,8 +11,8 @@ from __future__ import annotations
 import inspect
 import types
 from collections.abc import Callable
-from typing import List
 from dataclasses import dataclass
+from typing import List
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,7 @@ from ..derived import Derived, derived_class
 from ..record import InjectionRecord
 
 MLP_NAMES = ("mlp", "ffn", "feed_forward", "mlp_block")
+
 
 class AdaptedForwardArgs(Derived):
     """Mixin: forward is ``Base.forward(x, ...) + adapter(x)``; the adapter is reached through

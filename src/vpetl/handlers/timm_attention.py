@@ -131,7 +131,8 @@ class _ExtraKeysForward(Derived):
             attn = (q * self.scale) @ k.transpose(-2, -1)
             if mask is not None:
                 if mask.dtype == torch.bool:
-                    mask = torch.zeros(mask.shape, dtype=attn.dtype, device=attn.device).masked_fill(~mask, float("-inf"))
+                    zeros = torch.zeros(mask.shape, dtype=attn.dtype, device=attn.device)
+                    mask = zeros.masked_fill(~mask, float("-inf"))
                 attn = attn + mask
             x = self.attn_drop(attn.softmax(dim=-1)) @ v
         x = x.transpose(1, 2).reshape(B, N, self.attn_dim)

@@ -220,7 +220,8 @@ class _WindowForward(Derived):
         extra_kv = self.__dict__.get(EXTRA_KV_ATTR, ())
         if len(extra_kv) > 1 or any(b.kind != "prefix" for b in extra_kv):
             raise_not_scriptable(self)
-        tensors, ints = scripting.projection_plan(self.__dict__.get(BRANCHES_ATTR, ()), QKV_LAYOUT, self.qkv.out_features)
+        branches = self.__dict__.get(BRANCHES_ATTR, ())
+        tensors, ints = scripting.projection_plan(branches, QKV_LAYOUT, self.qkv.out_features)
         head = [int(type(self)._vpetl_variant.shrink_window), 0, 0, 0]
         tensors = [self.qkv.weight.new_zeros(0), *tensors]
         if extra_kv:
