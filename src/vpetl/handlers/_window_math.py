@@ -45,73 +45,9 @@ from torch import Tensor, nn
 from ..branches import ProjectionBranch
 from ..projection import SlotLayout, project
 from ._extra_keys import extend_bias, extend_keys, extend_mask
+from ._window_script import pad_to_windows, partition, shift_mask, unpartition
 
 QKV_LAYOUT = SlotLayout("qkv")
-MASK_VALUE = -100.0  # what the Swin papers' code uses (a finite "minus infinity")
-
-
-def pad_to_windows(x: Tensor, window: Sequence[int]) -> Tensor:
-    """Zero-pad the spatial axes of ``x`` ``(B, S_1..S_n, C)`` at the end up to multiples of ``window``."""
-    n = len(window)
-    pads: list[int] = [0, 0]  # F.pad lists pairs from the last axis backwards; channels unpadded
-    for i in reversed(range(n)):
-        size = x.shape[1 + i]
-        pads += [0, (window[i] - size % window[i]) % window[i]]
-    if not any(pads):
-        return x
-    return F.pad(x, pads)
-
-
-def partition(x: Tensor, window: Sequence[int]) -> Tensor:
-    """``(B, P_1..P_n, C)`` -> ``(B * nW, N, C)``; windows in raster order, tokens raster
-    order within each window (the order the relative-position index assumes)."""
-    n, batch, channels = len(window), x.shape[0], x.shape[-1]
-    grid = [x.shape[1 + i] // window[i] for i in range(n)]
-    split: list[int] = [batch]
-    for g, w in zip(grid, window):
-        split += [g, w]
-    x = x.reshape(*split, channels)
-    # (B, g1, w1, g2, w2, ..., C) -> (B, g1, g2, ..., w1, w2, ..., C)
-    order = [0] + [1 + 2 * i for i in range(n)] + [2 + 2 * i for i in range(n)] + [1 + 2 * n]
-    return x.permute(order).reshape(batch * math.prod(grid), math.prod(window), channels)
-
-
-def unpartition(windows: Tensor, window: Sequence[int], padded: Sequence[int], batch: int) -> Tensor:
-    """Inverse of :func:`partition`: ``(B * nW, N, C)`` -> ``(B, P_1..P_n, C)``."""
-    n, channels = len(window), windows.shape[-1]
-    grid = [p // w for p, w in zip(padded, window)]
-    x = windows.reshape(batch, *grid, *window, channels)
-    # (B, g1, g2, ..., w1, w2, ..., C) -> (B, g1, w1, g2, w2, ..., C)
-    order = [0]
-    for i in range(n):
-        order += [1 + i, 1 + n + i]
-    order.append(1 + 2 * n)
-    return x.permute(order).reshape(batch, *padded, channels)
-
-
-def region_labels(padded: Sequence[int], window: Sequence[int], shift: Sequence[int], device) -> Tensor:
-    """Integer label per padded position ``(P_1..P_n)``: which region of the unshifted map a
-    token of the rolled map came from. Equal labels <=> the tokens may attend to each other."""
-    labels = torch.zeros((), dtype=torch.long, device=device)
-    for i, (p, w, s) in enumerate(zip(padded, window, shift)):
-        pos = torch.arange(p, device=device)
-        if s > 0:  # regions [0, P-w) -> 0, [P-w, P-s) -> 1, [P-s, P) -> 2 (later ones win)
-            axis = torch.where(pos >= p - s, 2, torch.where(pos >= p - w, 1, 0))
-        else:
-            axis = torch.zeros_like(pos)
-        shape = [1] * len(padded)
-        shape[i] = p
-        labels = labels * 3 + axis.view(shape)
-    return labels
-
-
-def shift_mask(padded: Sequence[int], window: Sequence[int], shift: Sequence[int], like: Tensor) -> Tensor:
-    """The additive mask ``M`` ``(nW, N, N)`` (dtype/device of ``like``): ``-100`` between
-    tokens of different regions, 0 within one."""
-    labels = region_labels(padded, window, shift, like.device)
-    labels = partition(labels[None, ..., None], window).squeeze(-1)  # (nW, N)
-    different = labels[:, :, None] != labels[:, None, :]
-    return torch.zeros(different.shape, dtype=like.dtype, device=like.device).masked_fill_(different, MASK_VALUE)
 
 
 def window_attention(
@@ -121,8 +57,8 @@ def window_attention(
     qkv_bias: Tensor | None,
     proj: nn.Module,
     relative_position_bias: Tensor,
-    window: Sequence[int],
-    shift: Sequence[int],
+    window: list[int],
+    shift: list[int],
     num_heads: int,
     branches: Sequence[ProjectionBranch] = (),
     extra_kv: Sequence[nn.Module] = (),
@@ -138,7 +74,8 @@ def window_attention(
             q, k, v order. Side ``branches`` add into its output slots (``SlotLayout("qkv")``).
         proj: the output projection, called as a module.
         relative_position_bias: ``R``, broadcastable to ``(B*nW, H, N, N)`` (usually ``(1, H, N, N)``).
-        window, shift: per spatial axis, already adjusted to the input (a shift of 0 = no shift).
+        window, shift: per spatial axis, already adjusted to the input (a shift of 0 = no shift;
+            :func:`vpetl.handlers._window_script.fit_window`).
         extra_kv: token-axis branches (``placement``, ``keys_values``) whose keys and values
             are concatenated to each window's K and V; ``keys_values`` reads ``X (B*nW, N, C)``.
         logit_scale: ``tau`` ``(H, 1, 1)`` for cosine attention (SwinV2); None for dot-product.
@@ -151,7 +88,7 @@ def window_attention(
         )
     shifted = any(s > 0 for s in shift)
     x = pad_to_windows(x, window)
-    padded = tuple(x.shape[1:-1])
+    padded = list(x.shape[1:-1])
     axes = tuple(range(1, 1 + len(window)))
     if shifted:
         x = torch.roll(x, shifts=tuple(-s for s in shift), dims=axes)

@@ -1,17 +1,19 @@
-"""Shifted-window attention with vpetl branches in TorchScript's subset (``torch.jit.script``).
+"""Window geometry and shifted-window attention in TorchScript's subset (``torch.jit.script``).
 
-The same computation as :func:`vpetl.handlers._window_math.window_attention` (read its module
-docstring for the shapes and the shift mask), written with ``List[int]`` geometry and the
-branches as a plan (:mod:`vpetl.scripting`), so that ``torch.jit.script`` of an injected Swin,
-SwinV2 or Video Swin model compiles. The eager forward keeps the fast projection paths and any
-extra-key branch; here the prefix is the one extra-key branch covered.
+The geometry (:func:`fit_window`, :func:`pad_to_windows`, :func:`partition`,
+:func:`unpartition`, :func:`shift_mask`) is written with ``List[int]`` so that both the eager
+:func:`vpetl.handlers._window_math.window_attention` (read its module docstring for the shapes
+and the shift mask) and :func:`window_attention` here use it. :func:`window_attention` is the
+eager one with the branches as a plan (:mod:`vpetl.scripting`), so that ``torch.jit.script`` of
+an injected Swin, SwinV2 or Video Swin model compiles; the eager forward keeps the fast
+projection paths and any extra-key branch, here the prefix is the one extra-key branch covered.
 
 Plan ints: ``[shrink window, has_prefix, prefix activation, d_k]`` then the qkv records;
 tensors: one placeholder (TorchScript cannot type an empty list), the qkv records, then the
 prefix's five tensors.
 """
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +29,38 @@ def _product(values: List[int]) -> int:
     return out
 
 
-def _partition(x: Tensor, window: List[int]) -> Tensor:
-    """``(B, P_1..P_n, C)`` -> ``(B * nW, N, C)``, windows and tokens in raster order."""
+def fit_window(sizes: List[int], window: List[int], shift: List[int], shrink: bool) -> Tuple[List[int], List[int]]:
+    """The (window, shift) torchvision uses for an input of spatial ``sizes``: with ``shrink``
+    (Swin3D) an axis no longer than the window shrinks the window to it, unshifted; otherwise
+    (Swin, SwinV2) an axis whose padded length one window spans is not shifted."""
+    fitted: List[int] = []
+    shifts: List[int] = []
+    for i in range(len(window)):
+        w, s = window[i], shift[i]
+        if shrink:
+            if sizes[i] <= w:
+                w, s = sizes[i], 0
+        elif w >= (sizes[i] + w - 1) // w * w:
+            s = 0
+        fitted.append(w)
+        shifts.append(s)
+    return fitted, shifts
+
+
+def pad_to_windows(x: Tensor, window: List[int]) -> Tensor:
+    """Zero-pad the spatial axes of ``x`` ``(B, S_1..S_n, C)`` at the end up to multiples of ``window``."""
+    pads: List[int] = [0, 0]  # F.pad lists pairs from the last axis backwards; channels unpadded
+    needed = False
+    for i in range(len(window) - 1, -1, -1):
+        extra = (window[i] - x.shape[1 + i] % window[i]) % window[i]
+        pads += [0, extra]
+        needed = needed or extra > 0
+    return F.pad(x, pads) if needed else x
+
+
+def partition(x: Tensor, window: List[int]) -> Tensor:
+    """``(B, P_1..P_n, C)`` -> ``(B * nW, N, C)``; windows in raster order, tokens in raster
+    order within each window (the order the relative-position index assumes)."""
     n, batch, channels = len(window), x.shape[0], x.shape[-1]
     grid: List[int] = []
     split: List[int] = [batch]
@@ -36,7 +68,7 @@ def _partition(x: Tensor, window: List[int]) -> Tensor:
         grid.append(x.shape[1 + i] // window[i])
         split += [grid[i], window[i]]
     split.append(channels)
-    order: List[int] = [0]
+    order: List[int] = [0]  # (B, g1, w1, g2, w2, ..., C) -> (B, g1, g2, ..., w1, w2, ..., C)
     for i in range(n):
         order.append(1 + 2 * i)
     for i in range(n):
@@ -45,15 +77,15 @@ def _partition(x: Tensor, window: List[int]) -> Tensor:
     return x.reshape(split).permute(order).reshape([batch * _product(grid), _product(window), channels])
 
 
-def _unpartition(windows: Tensor, window: List[int], padded: List[int], batch: int) -> Tensor:
-    """Inverse of :func:`_partition`."""
+def unpartition(windows: Tensor, window: List[int], padded: List[int], batch: int) -> Tensor:
+    """Inverse of :func:`partition`: ``(B * nW, N, C)`` -> ``(B, P_1..P_n, C)``."""
     n, channels = len(window), windows.shape[-1]
     shape: List[int] = [batch]
     for i in range(n):
         shape.append(padded[i] // window[i])
     shape += window
     shape.append(channels)
-    order: List[int] = [0]
+    order: List[int] = [0]  # (B, g1, g2, ..., w1, w2, ..., C) -> (B, g1, w1, g2, w2, ..., C)
     for i in range(n):
         order += [1 + i, 1 + n + i]
     order.append(1 + 2 * n)
@@ -62,22 +94,25 @@ def _unpartition(windows: Tensor, window: List[int], padded: List[int], batch: i
     return windows.reshape(shape).permute(order).reshape(out_shape)
 
 
-def _shift_mask(padded: List[int], window: List[int], shift: List[int], like: Tensor) -> Tensor:
-    """``(nW, N, N)``: -100 between tokens of different pre-shift regions, 0 within one."""
+def shift_mask(padded: List[int], window: List[int], shift: List[int], like: Tensor) -> Tensor:
+    """The additive mask ``M`` ``(nW, N, N)`` (dtype/device of ``like``): -100 (the Swin papers'
+    finite "minus infinity") between tokens that came from different regions of the unshifted
+    map, 0 within one. Regions per shifted axis of padded length ``P``: ``[0, P-w)``,
+    ``[P-w, P-s)``, ``[P-s, P)``; an axis that is not shifted has one."""
     labels = torch.zeros(padded, dtype=torch.long, device=like.device)
     for i in range(len(padded)):
         p, w, s = padded[i], window[i], shift[i]
         pos = torch.arange(p, device=like.device)
         axis = torch.zeros_like(pos)
-        if s > 0:
+        if s > 0:  # later regions win
             axis = torch.where(pos >= p - s, 2, torch.where(pos >= p - w, 1, 0))
         shape = [1] * len(padded)
         shape[i] = p
         labels = labels * 3 + axis.view(shape)
-    labels = _partition(labels.unsqueeze(0).unsqueeze(-1), window).squeeze(-1)
+    labels = partition(labels.unsqueeze(0).unsqueeze(-1), window).squeeze(-1)  # (nW, N)
     different = labels.unsqueeze(2) != labels.unsqueeze(1)
     zeros = torch.zeros(different.shape, dtype=like.dtype, device=like.device)
-    return zeros.masked_fill(different, -100.0)  # _window_math.MASK_VALUE
+    return zeros.masked_fill(different, -100.0)
 
 
 def window_attention(
@@ -89,12 +124,9 @@ def window_attention(
     n = len(window)
     batch, channels = x.shape[0], x.shape[-1]
     sizes: List[int] = []
-    pads: List[int] = [0, 0]
     for i in range(n):
         sizes.append(x.shape[1 + i])
-    for i in range(n - 1, -1, -1):
-        pads += [0, (window[i] - sizes[i] % window[i]) % window[i]]
-    x = F.pad(x, pads)
+    x = pad_to_windows(x, window)
     padded: List[int] = []
     axes: List[int] = []
     back: List[int] = []
@@ -106,7 +138,7 @@ def window_attention(
         shifted = shifted or shift[i] > 0
     if shifted:
         x = torch.roll(x, shifts=back, dims=axes)
-    windows = _partition(x, window)
+    windows = partition(x, window)
     count, tokens = windows.shape[0], windows.shape[1]
     head_dim = channels // num_heads
 
@@ -129,7 +161,7 @@ def window_attention(
         attn = (q * head_dim**-0.5) @ k.transpose(-2, -1)
     attn = attn + position_bias
     if shifted:
-        mask = _shift_mask(padded, window, shift, attn)
+        mask = shift_mask(padded, window, shift, attn)
         if prefix > 0:
             mask = torch.cat([torch.zeros(mask.shape[:-1] + [prefix], dtype=mask.dtype, device=mask.device), mask], -1)
         per_sample = count // batch
@@ -138,7 +170,7 @@ def window_attention(
     attn = F.dropout(F.softmax(attn, dim=-1), p=attention_dropout, training=training)
     out = (attn @ v).transpose(1, 2).reshape(count, tokens, channels)
     out = F.dropout(F.linear(out, proj_weight, proj_bias), p=dropout, training=training)
-    out = _unpartition(out, window, padded, batch)
+    out = unpartition(out, window, padded, batch)
     if shifted:
         out = torch.roll(out, shifts=shift, dims=axes)
     for i in range(n):

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ..branches import AdapterBranch
-from ..derived import Derived, derived_class
 from ..config import AdapterPlacement
+from ..derived import Derived, derived_class
 from ..errors import InjectionError
 from ..record import InjectionRecord
 from .mlp import MLP_LOCATORS, MlpSite

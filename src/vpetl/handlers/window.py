@@ -58,6 +58,7 @@ from ..record import InjectionRecord
 from ..tracing import raise_not_scriptable
 from ._extra_keys import EXTRA_KV_ATTR
 from ._window_math import QKV_LAYOUT, window_attention
+from ._window_script import fit_window
 from ._window_script import window_attention as scripted_window_attention
 from .base import AttentionHandler, ProjectionSpec
 
@@ -76,14 +77,7 @@ class WindowVariant:
 
     def geometry(self, module: nn.Module, sizes: tuple[int, ...]) -> tuple[list[int], list[int]]:
         """The (window, shift) torchvision uses for an input of spatial ``sizes``."""
-        window, shift = list(module.window_size), list(module.shift_size)
-        for i, size in enumerate(sizes):
-            if self.shrink_window:
-                if size <= window[i]:
-                    window[i], shift[i] = size, 0
-            elif window[i] >= -(-size // window[i]) * window[i]:  # one window spans the padded axis
-                shift[i] = 0
-        return window, shift
+        return fit_window(list(sizes), list(module.window_size), list(module.shift_size), self.shrink_window)
 
 
 SWIN = WindowVariant("swin", axes=2, cosine=False, shrink_window=False)
@@ -198,17 +192,10 @@ class _WindowForward(Derived):
     def _vpetl_scripted_forward(self, x: Tensor) -> Tensor:
         """Window and shift fitted to the input as torchvision does, then the scripted attention."""
         ints: List[int] = self._vpetl_script_ints
-        window: List[int] = []
-        shift: List[int] = []
+        sizes: List[int] = []
         for i in range(len(self.window_size)):
-            size, w, s = x.shape[1 + i], self.window_size[i], self.shift_size[i]
-            if ints[0] == 1:
-                if size <= w:
-                    w, s = size, 0
-            elif w >= (size + w - 1) // w * w:  # one window spans the padded axis
-                s = 0
-            window.append(w)
-            shift.append(s)
+            sizes.append(x.shape[1 + i])
+        window, shift = fit_window(sizes, self.window_size, self.shift_size, ints[0] == 1)
         return scripted_window_attention(
             x, self.qkv.weight, self._vpetl_qkv_bias(), self.proj.weight, self.proj.bias,
             self._vpetl_position_bias(window), window, shift, self.num_heads, self._vpetl_logit_scale(),
