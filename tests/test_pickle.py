@@ -9,8 +9,10 @@ writes the same tensors, ``vpetl.unload`` restores the plain classes.
 
 from __future__ import annotations
 
+import abc
 import copy
 import json
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -176,3 +178,24 @@ def test_derived_classes_are_made_once_and_keep_the_model_class_name():
     assert mlp_class.__name__ == "AdaptedMlp"
     with pytest.raises(TypeError, match="Derived mixin"):
         derived_class(nn.Module, nn.Linear)
+
+
+class _AbstractMlp(nn.Module, abc.ABC):
+    """An MLP whose class has a metaclass of its own (``abc.ABCMeta``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_derived_class_of_a_base_with_its_own_metaclass_pickles():
+    from vpetl.derived import derived_class
+    from vpetl.handlers.mlp import AdaptedForward
+
+    cls = derived_class(AdaptedForward, _AbstractMlp)
+    assert isinstance(cls, abc.ABCMeta) and cls is derived_class(AdaptedForward, _AbstractMlp)
+    assert pickle.loads(pickle.dumps(cls)) is cls
+    assert pickle.loads(pickle.dumps(AdaptedForward)) is AdaptedForward

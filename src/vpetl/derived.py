@@ -3,22 +3,52 @@
 Where ``inject`` must change what a module computes (an MLP that also adds the adapter, an
 attention that extends its keys), it swaps the instance's class for ``(Mixin, Base)``: the
 mixin's methods run first and reach ``Base``'s through ``super()``; keys and Parameters stay.
-Such a class is made at run time, so pickle cannot find it by name. :class:`Derived` instances
-therefore pickle as ``new_instance(Mixin, Base)`` plus their state: both classes are importable
-(the mixin lives in a vpetl module, the base in the model's library), and unpickling in a fresh
-process derives the same class again through the one cache here. ``torch.save(model)`` /
-``torch.load(..., weights_only=False)``, ``copy.deepcopy`` and ``multiprocessing`` spawn all go
-through that path.
+Such a class is made at run time, so pickle could not find it by name; instead the classes
+here pickle as the call that makes them, ``derived_class(Mixin, Base)`` (their metaclass,
+:class:`DerivedType`, is registered with :mod:`copyreg`). Both arguments are importable (the
+mixin lives in a vpetl module, the base in the model's library), so ``torch.save(model)`` /
+``torch.load(..., weights_only=False)`` in a fresh process, ``multiprocessing`` spawn and the
+injection record's undo log all rebuild the same class through the one cache here.
 """
 
 from __future__ import annotations
 
+import copyreg
 from typing import Any
 
 _CACHE: dict[tuple[type, type], type] = {}
 
 
-class Derived:
+class DerivedType(type):
+    """Metaclass of the mixins and of the classes :func:`derived_class` makes (see module docs)."""
+
+
+def _reduce_class(cls: type) -> Any:
+    """A derived class as ``derived_class(mixin, base)``; a mixin by its importable name."""
+    origin = vars(cls).get("__vpetl_origin__")
+    return cls.__qualname__ if origin is None else (derived_class, origin)
+
+
+_METACLASSES: dict[type, type] = {type: DerivedType}
+
+
+def _metaclass_for(base: type) -> type:
+    """:class:`DerivedType`, or one that also derives from ``base``'s own metaclass (e.g.
+    ``abc.ABCMeta``), registered with :mod:`copyreg` like it."""
+    meta = type(base)
+    if meta not in _METACLASSES:
+        if issubclass(meta, DerivedType):
+            _METACLASSES[meta] = meta
+        else:
+            combined = _METACLASSES[meta] = DerivedType(f"Derived{meta.__name__}", (DerivedType, meta), {})
+            copyreg.pickle(combined, _reduce_class)
+    return _METACLASSES[meta]
+
+
+copyreg.pickle(DerivedType, _reduce_class)
+
+
+class Derived(metaclass=DerivedType):
     """Mixin base of every class :func:`derived_class` makes.
 
     ``class_prefix`` names the derived class (``<prefix><Base name>``); :meth:`derived_namespace`
@@ -39,11 +69,6 @@ class Derived:
 
         raise_not_scriptable(self)
 
-    def __reduce_ex__(self, protocol: int):
-        mixin, base = type(self).__vpetl_origin__
-        reduced = object.__reduce_ex__(self, max(protocol, 2))  # (copyreg.__newobj__, (cls,), state, ...)
-        return (new_instance, (mixin, base), *reduced[2:])
-
 
 def derived_class(mixin: type[Derived], base: type) -> type:
     """``class <mixin.class_prefix><base.__name__>(mixin, base)``, made once per pair."""
@@ -60,16 +85,5 @@ def derived_class(mixin: type[Derived], base: type) -> type:
             "__vpetl_origin__": key,
             **mixin.derived_namespace(base),
         }
-        cls = _CACHE[key] = type(name, (mixin, base), namespace)
+        cls = _CACHE[key] = _metaclass_for(base)(name, (mixin, base), namespace)
     return cls
-
-
-def is_derived(cls: type) -> bool:
-    """True for a class made by :func:`derived_class`."""
-    return "__vpetl_origin__" in vars(cls)
-
-
-def new_instance(mixin: type[Derived], base: type) -> Any:
-    """An empty instance of ``derived_class(mixin, base)`` for pickle to fill with its state."""
-    cls = derived_class(mixin, base)
-    return cls.__new__(cls)

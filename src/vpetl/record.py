@@ -16,7 +16,6 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .config import InjectConfig
-from .derived import derived_class, is_derived
 
 RECORD_ATTR = "_vpetl"
 
@@ -66,21 +65,6 @@ class ClassSwap:
 
     def redo(self) -> None:
         self.module.__class__ = self.new
-
-    def __reduce__(self):
-        """Pickle a class vpetl derived at run time by its origin (:mod:`vpetl.derived`)."""
-        return (_class_swap, (self.module, _portable(self.original), _portable(self.new)))
-
-
-def _portable(cls: type) -> type | tuple[type, type]:
-    return cls.__vpetl_origin__ if is_derived(cls) else cls
-
-
-def _class_swap(module: nn.Module, original: Any, new: Any) -> ClassSwap:
-    def resolve(ref: Any) -> type:
-        return derived_class(*ref) if isinstance(ref, tuple) else ref
-
-    return ClassSwap(module, resolve(original), resolve(new))
 
 
 @dataclass
