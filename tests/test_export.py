@@ -161,11 +161,12 @@ def test_jit_script_torchvision_swin_and_swin_v2(version, method):
         _assert_reproduces(torch.jit.script(model)(x), eager, f"torch.jit.script of torchvision Swin v{version}")
 
 
-@pytest.mark.parametrize("variant", ["concat"])
-def test_jit_script_refuses_what_it_does_not_cover(variant):
+@pytest.mark.parametrize("method, options", [("patt", {"variant": "concat", "d_bottle": 4}), ("vpt", {})],
+                         ids=["patt-concat", "vpt"])
+def test_jit_script_refuses_what_it_does_not_cover(method, options):
     factory, shape = CASES["timm-vit"]
     torch.manual_seed(0)
-    model = vpetl.inject(factory().eval(), "patt", d_bottle=4, variant=variant, example_input=torch.randn(shape))
+    model = vpetl.inject(factory().eval(), method, **options, example_input=torch.randn(shape))
     with pytest.raises(vpetl.ExportError, match=r"torch\.jit\.script.*torch\.export\.export.*torch\.jit\.trace"):
         torch.jit.script(model)
     assert vpetl.summary(model).trainable > 0  # the model is untouched and still injected

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels, scripting
-from .tracing import autocast_enabled, plain_path, raise_not_scriptable
+from .tracing import plain_path, raise_not_scriptable
 from .config import Activation, AdapterConfig, AdapterPlacement, Kernel, LoraConfig, PattConfig, PattVariant
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ class Branch(nn.Module):
         autocast casts by itself."""
         if plain_path(x):  # traced or meta: dtype known only at run time; a no-op cast if equal
             return x.to(like.dtype)
-        if x.dtype == like.dtype or not x.is_floating_point() or autocast_enabled(x):
+        if x.dtype == like.dtype or not x.is_floating_point() or torch.is_autocast_enabled(x.device.type):
             return x
         return x.to(like.dtype)
 
@@ -249,7 +249,7 @@ class PattBranch(ProjectionBranch):
         appended to K and V along the token axis by the attention handler."""
         self._mark_called()
         kv = self.up(ACTIVATIONS[self.activation](self.down(self._input(x, self.down.weight)))) * self.scale_value()
-        if plain_path(x) or kv.dtype != x.dtype and not autocast_enabled(x):
+        if plain_path(x) or kv.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             kv = kv.to(x.dtype)
         return kv[..., self._rows["k"]], kv[..., self._rows["v"]]
 

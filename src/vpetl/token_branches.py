@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .branches import ACTIVATIONS, Branch
 from .config import PrefixConfig
-from .tracing import autocast_enabled, plain_path
+from .tracing import plain_path
 
 Placement = Literal["prepend", "append"]
 
@@ -71,7 +71,7 @@ class PrefixBranch(KeyValueBranch):
     def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._mark_called()
         kv = self.up(ACTIVATIONS[self.activation](self.down(self.tokens)))  # (L, d_k + d_v)
-        if plain_path(x) or kv.dtype != x.dtype and not autocast_enabled(x):
+        if plain_path(x) or kv.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             kv = kv.to(x.dtype)
         return kv[:, : self.d_key], kv[:, self.d_key :]
 

@@ -32,12 +32,6 @@ def plain_path(x: Tensor) -> bool:
     return x.device.type == "meta"
 
 
-def autocast_enabled(x: Tensor) -> bool:
-    """``torch.is_autocast_enabled`` for ``x``'s device; False on the plain path, where the
-    device may be a proxy or ``meta`` (which has no autocast state)."""
-    return not plain_path(x) and torch.is_autocast_enabled(x.device.type)
-
-
 def raise_not_scriptable(module: nn.Module) -> None:
     """Raise :class:`ExportError` for ``torch.jit.script`` of a model holding vpetl ``module``,
     which :mod:`vpetl.scripting` does not cover."""
