@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 import vpetl
-from vpetl.branches import AdapterBranch, PattBranch
+from vpetl.methods.adapter import AdapterBranch
+from vpetl.methods.patt import PattBranch
 from vpetl.config import AdapterConfig, Kernel, PattConfig
 from vpetl.projection import SlotLayout, project, project_generic
 

@@ -117,7 +117,7 @@ def test_inspect_json_and_tensor_list(delta_file, tmp_path, capsys):
     path, tensors = delta_file
     assert main(["inspect", str(path), "--json", "--tensors"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["method"] == "bapat" and info["config"]["patt"]["d_bottle"] == 8
+    assert info["method"] == "bapat" and info["config"]["methods"][0] == {**info["config"]["methods"][0], "name": "patt", "d_bottle": 8}
     assert info["tensors"]["count"] == len(tensors)
     assert {t["name"] for t in info["tensor_list"]} == set(tensors)
     model = vpetl.inject(tiny_vit(), "lora")

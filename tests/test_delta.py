@@ -136,7 +136,7 @@ def test_file_holds_exactly_the_delta_and_the_metadata(saved_bapat):
     record = get_record(trained)
     assert set(header) == set(record.delta_names)
     assert set(METADATA_KEYS) <= set(meta)
-    assert meta["format"] == FORMAT_NAME and meta["format_version"] == "1"
+    assert meta["format"] == FORMAT_NAME and meta["format_version"] == "2"
     assert meta["vpetl_version"] == vpetl.__version__
     assert json.loads(meta["config"]) == record.config.to_dict()
     assert meta["tensor_count"] == str(len(record.delta_names))
@@ -273,7 +273,7 @@ def _future_version(src):
         with safetensors.safe_open(src, "pt") as f:
             meta = f.metadata()
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        safetensors.torch.save_file(tensors, p, metadata={**meta, "format_version": "2"})
+        safetensors.torch.save_file(tensors, p, metadata={**meta, "format_version": "3"})
 
     return write
 
@@ -317,7 +317,7 @@ def test_truncated_file_says_how_much_is_missing(saved_bapat, tmp_path, cut):
 def test_future_format_version_is_refused(saved_bapat, tmp_path):
     path = tmp_path / "v2.safetensors"
     _future_version(saved_bapat[0])(path)
-    with pytest.raises(DeltaFileError, match="unsupported delta format version '2'.*upgrade vpetl"):
+    with pytest.raises(DeltaFileError, match="unsupported delta format version '3'.*upgrade vpetl"):
         load_delta(tiny_vit(), path)
 
 

@@ -46,9 +46,9 @@ def _config(kind: str):
     if kind == "bapat_concat":  # adapter beside the MLP + concat PATT
         return "bapat", {"variant": "concat", "d_bottle": 8}
     if kind == "lora_prefix":  # LoRA in the qkv projection + prefix keys
-        return InjectConfig(lora=LoraConfig(rank=4), prefix=PrefixConfig(length=3, d_bottle=8)), {}
+        return InjectConfig(methods=(PrefixConfig(length=3, d_bottle=8), LoraConfig(rank=4))), {}
     if kind == "prefix_concat":  # both placements in one attention
-        config = InjectConfig(prefix=PrefixConfig(length=3, d_bottle=8), patt=PattConfig(d_bottle=8, variant="concat"))
+        config = InjectConfig(methods=(PrefixConfig(length=3, d_bottle=8), PattConfig(d_bottle=8, variant="concat")))
         return config, {}
     raise KeyError(kind)
 

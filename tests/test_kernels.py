@@ -27,7 +27,8 @@ from torch import nn
 
 import vpetl
 from vpetl import kernels
-from vpetl.branches import AdapterBranch, PattBranch
+from vpetl.methods.adapter import AdapterBranch
+from vpetl.methods.patt import PattBranch
 from vpetl.config import AdapterConfig, Kernel, PattConfig
 from vpetl.errors import ConfigError
 from vpetl.kernels.reference import adapter_reference, patt_reference, slot_columns
@@ -41,7 +42,7 @@ LAYOUTS = [("qkv", 0, "kv"), ("qkv", 2, "kv"), ("kv", 0, "kv"), ("qkv", 0, "qv")
 
 
 def _problem(m, d, r, letters="qkv", heads=0, positions="kv", act="tanh", bias=True, dtype=torch.float64,
-             device="cpu", scale=0.8, seed=0):
+             device="cpu", scale=0.8, seed=0, consumers=1):
     """x ``(m, d)``, frozen W/b, and a PATT branch (random up-projection) with kernel torch."""
     gen = torch.Generator().manual_seed(seed)
     n_out = len(letters) * d
@@ -50,7 +51,8 @@ def _problem(m, d, r, letters="qkv", heads=0, positions="kv", act="tanh", bias=T
     b = torch.randn(n_out, generator=gen, dtype=torch.float64).to(device, dtype) if bias else None
     torch.manual_seed(seed)
     branch = PattBranch(d, {c: d for c in positions}, PattConfig(d_bottle=r, positions=positions, scale=scale,
-                                                                activation=act), bias=bias)
+                                                                activation=act), bias=bias,
+                         consumers=consumers)
     branch.to(device=device, dtype=dtype)
     branch.kernel = Kernel.TORCH
     return x, weight, b, branch, SlotLayout(letters, heads)
@@ -169,8 +171,7 @@ def test_hooks_on_branch_linears_fire():
 
 
 def test_generic_path_still_serves_separate_projections_and_lora():
-    x, w, b, branch, _ = _problem(6, 8, 3, "k", 0, "kv")  # K and V in two Linears share one h
-    branch.set_consumers(2)
+    x, w, b, branch, _ = _problem(6, 8, 3, "k", 0, "kv", consumers=2)  # K and V in two Linears share one h
     out_k = project(x, w, b, SlotLayout("k"), [branch])
     out_v = project(x, w, b, SlotLayout("v"), [branch])
     assert _op(out_k) != "TorchPattProjectionBackward"
@@ -434,8 +435,7 @@ def test_triton_falls_back_without_error_where_kernels_do_not_apply(ops):
     # float64, separate K/V Linears, an empty batch: the torch paths answer, no error
     x, w, b, branch, layout = _problem(5, 8, 2, dtype=torch.float64, device=DEVICE)
     assert _op(project(x, w, b, layout, [_triton(branch)])) == "TorchPattProjectionBackward"
-    x, w, b, branch, _ = _problem(5, 8, 2, "k", 0, "kv", dtype=torch.float32, device=DEVICE)
-    branch.set_consumers(2)
+    x, w, b, branch, _ = _problem(5, 8, 2, "k", 0, "kv", dtype=torch.float32, device=DEVICE, consumers=2)
     _triton(branch)
     project(x, w, b, SlotLayout("k"), [branch])
     project(x, w, b, SlotLayout("v"), [branch])

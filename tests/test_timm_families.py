@@ -352,7 +352,7 @@ def test_random_patt_changes_every_attention(name):
 
 def _inject_constant(model: nn.Module, letter: str) -> None:
     """PATT on one position only, with a zero up-weight and a random up-bias: a constant shift."""
-    config = InjectConfig(method="patt", patt=PattConfig(d_bottle=4, positions=letter, zero_init=True, bias=True))
+    config = InjectConfig(methods=(PattConfig(d_bottle=4, positions=letter, zero_init=True, bias=True),), method="patt")
     vpetl.inject(model, config)
     with torch.no_grad():
         for branch in patt_branches(model):

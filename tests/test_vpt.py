@@ -17,7 +17,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 from torchvision.models.video.swin_transformer import SwinTransformer3d
 
 import vpetl
-from vpetl.prompts import PromptTokens, prefix_token_count
+from vpetl.methods.vpt import PromptTokens, prefix_token_count
 from vpetl.record import get_record
 
 from conftest import tiny_vit

@@ -22,7 +22,8 @@ from vpetl.handlers import HANDLERS
 from vpetl.handlers import window as window_handler
 from vpetl.handlers.fused_qkv import FusedQkvHandler
 from vpetl.handlers.window import WindowAttentionHandler
-from vpetl.inject import branches_of, find_attention
+from vpetl.handlers.sites import find_attention
+from vpetl.inject import branches_of
 
 WINDOW_CLASSES = (tv_swin.ShiftedWindowAttention, tv_swin3d.ShiftedWindowAttention3d)
 

@@ -1,20 +1,29 @@
 """vpetl: parameter-efficient transfer learning for vision transformers (V-PETL, PATT, BAPAT)."""
 
 from .config import (
+    PATT,
+    VPT,
     Activation,
+    Adapter,
     AdapterConfig,
     AdapterPlacement,
     BranchDtype,
     InjectConfig,
     Kernel,
+    LoRA,
     LoraConfig,
     PattConfig,
     PattVariant,
+    Prefix,
     PrefixConfig,
     PromptConfig,
+    Tune,
     TunePosition,
 )
+from .methods.bitfit import BitFit
+from .methods.full import Full
 from .presets import METHODS, preset
+from .registry import REGISTRY, Method
 from .errors import (
     BaseWeightsWarning,
     ConfigError,
@@ -34,6 +43,7 @@ from .summary import Summary, summary
 __version__ = "0.1.0"
 
 __all__ = [
+    "PATT", "VPT", "Adapter", "BitFit", "Full", "LoRA", "Method", "Prefix", "REGISTRY", "Tune",
     "Activation", "AdapterConfig", "AdapterPlacement", "BaseWeightsWarning", "BranchDtype", "ConfigError", "DeltaFileError",
     "DeltaMismatchError", "ExportError", "InjectConfig", "InjectionError", "Kernel", "LoraConfig", "METHODS",
     "MergeError", "PattConfig", "PattVariant", "PrefixConfig", "PromptConfig", "Summary", "TunePosition", "VpetlError", "__version__", "delta_state_dict", "disabled", "inject",

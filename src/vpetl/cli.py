@@ -228,7 +228,7 @@ def _print_params_table(rows: list[tuple[str, int | None, int | None, str]], bas
 def cmd_targets(args: argparse.Namespace) -> int:
     from .handlers.mlp import locate_mlp
     from .heads import find_head_paths
-    from .inject import _why_unhandled, find_attention
+    from .handlers.sites import find_attention, why_unhandled as _why_unhandled
 
     model, library = build_model(args.model, args.num_classes, args.img_size)
     sites, unhandled = find_attention(model)
@@ -339,6 +339,11 @@ def human_bytes(n: int) -> str:
 def _config_lines(config: dict[str, Any]) -> list[str]:
     lines = []
     for key, value in config.items():
+        if key == "methods" and isinstance(value, list):  # format 2: one line per method entry
+            for entry in value:
+                options = {k: v for k, v in entry.items() if k != "name" and v is not None}
+                lines.append(f"{entry.get('name')}: " + ", ".join(f"{k}={v}" for k, v in options.items()))
+            continue
         if key == "method" or value is None or value == [] or value is False and key != "train_head":
             continue
         if isinstance(value, dict):

@@ -8,7 +8,7 @@ a fresh base model and to check that it fits:
 key                value
 =================  ===============================================================================
 ``format``         ``"vpetl.delta"``
-``format_version`` ``"1"``
+``format_version`` ``"2"`` (``"1"``, written by vpetl 0.1.0, is still read)
 ``vpetl_version``  the vpetl version that wrote the file
 ``config``         the ``InjectConfig`` as JSON (``InjectConfig.to_dict``)
 ``base_shapes``    JSON ``{name: [shape]}`` of every base parameter (no ``vpetl_`` in the name,
@@ -39,14 +39,16 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .config import InjectConfig, Kernel
+from .config import InjectConfig
+from .options import Kernel
+from .registry import BRANCH_MARKER
 from .errors import BaseWeightsWarning, DeltaFileError, DeltaMismatchError, InjectionError, format_names
 from .inject import inject
 from .record import get_record, set_record
 
 FORMAT_NAME = "vpetl.delta"
-FORMAT_VERSION = "1"
-BRANCH_MARKER = "vpetl_"
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")  # "1": vpetl 0.1.0, one config field per method
 CHECKSUM_SAMPLES = 64
 METADATA_KEYS = (
     "format", "format_version", "vpetl_version", "config", "base_shapes", "base_checksum", "model_class",
@@ -293,9 +295,10 @@ def read_header(path: Path) -> tuple[dict[str, str], list[str]]:
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
         raise _file_error(path, "not a vpetl delta (no vpetl metadata); it is a safetensors file of other tensors")
     version = metadata.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise _file_error(
-            path, f"unsupported delta format version {version!r} (this vpetl reads version {FORMAT_VERSION}); "
+            path, f"unsupported delta format version {version!r} (this vpetl reads versions "
+            f"{', '.join(READABLE_VERSIONS)}); "
             "upgrade vpetl to read it"
         )
     absent = [k for k in METADATA_KEYS if k not in metadata and k != "model_class"]

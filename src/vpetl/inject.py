@@ -1,9 +1,14 @@
-"""The walker: find every attention and MLP, add the configured branches, freeze the base.
+"""The walker: find the sites, let every method entry attach its branches, freeze the base.
 
 ``inject`` works in place and returns the same model. It changes no base state-dict key:
-projections are replaced by modules that adopt their Parameters, MLPs get a subclass, and
-new parameters are named ``<attention>.vpetl_patt.*``, ``<attention>.vpetl_lora.<p>.*`` and
-``<mlp>.vpetl_adapter.*``. Every change is logged so ``vpetl.unload`` can revert it exactly.
+projections are replaced by modules that adopt their Parameters, MLPs and attentions get a
+derived class (:mod:`vpetl.derived`), and new parameters are named ``<path>.vpetl_<kind>.*``
+(``<attention>.vpetl_patt.*``, ``<attention>.vpetl_lora.<p>.*``, ``<block>.vpetl_adapter.*``,
+...). Every change is logged in the injection record so ``vpetl.unload`` can revert it exactly.
+
+A method entry (:mod:`vpetl.methods`) attaches itself through :class:`Injection`, which owns
+the sites, registration, placement and wiring; branches of several entries on the same
+projection are wired together and sum.
 
 A branch that forward never reaches trains nothing, so it is an error: with
 ``example_input`` the check runs at once; otherwise on the model's first forward.
@@ -12,42 +17,32 @@ A branch that forward never reaches trains nothing, so it is an error: with
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .branches import AdapterBranch, Branch, LoraBranch, PattBranch
-from .config import BranchDtype, InjectConfig, Kernel, PattVariant
+from . import branches as branch_protocol
+from .branches import Branch
+from .config import InjectConfig
 from .errors import ConfigError, InjectionError, format_names
-from .handlers import HANDLERS, AttentionHandler
-from .handlers.fused_qkv import unsupported_reason
-from .handlers.mlp import locate_mlp
+from .handlers.base import ProjectionSpec
+from .handlers.mlp import MlpSite, locate_mlp
+from .handlers.sites import AttentionSite, find_attention, module_census, why_unhandled
 from .heads import find_head_paths
 from .kernels import triton_available
+from .options import BranchDtype, Kernel
 from .presets import OPTIONS, preset
 from .projection import BranchedLinear
 from .record import AWAITING_FIRST_FORWARD, InjectionRecord, get_record, set_record
-from .token_branches import PrefixBranch
-
-PROJECTION_CHILD_NAMES = frozenset(
-    {"qkv", "kv", "q", "k", "v", "query", "key", "value", "q_proj", "k_proj", "v_proj", "in_proj", "wq", "wk", "wv"}
-)
-
-
-@dataclass
-class AttentionSite:
-    path: str
-    module: nn.Module
-    handler: AttentionHandler
+from .registry import Method
 
 
 def inject(
     model: nn.Module,
-    method: str | InjectConfig = "bapat",
+    method: str | InjectConfig | Method | Iterable[Method] = "bapat",
     *,
     d_bottle: int | None = None,
     scale: float | None = None,
@@ -62,10 +57,11 @@ def inject(
     """Add ``method``'s side branches to ``model`` in place, freeze the rest, return ``model``.
 
     Args:
-        method: "patt", "adapter", "bapat", "lora", "prefix", "vpt", "tune", "bitfit",
-            "linear", "full", or an ``InjectConfig`` for full control.
-        d_bottle: the width knob (PATT / adapter / prefix bottleneck, LoRA rank); None is the
-            paper default (patt/bapat/prefix 128, adapter 64, lora 16).
+        method: a method or preset name (``vpetl.METHODS``: "bapat", "patt", "adapter", "lora",
+            "ssf", ...), one method entry (``vpetl.SSF()``), a list of entries whose branches
+            combine (``[vpetl.SSF(), vpetl.PATT(d_bottle=64)]``), or an ``InjectConfig``.
+        d_bottle: the width knob (bottleneck width / rank) of a named method; None is its
+            paper default (patt/bapat/prefix 128, adapter 64, lora 16, ...).
         scale: the branch scale ``s`` (PATT 0.8, adapter 0.1, LoRA 1.0 by default).
         positions: letters from "qkv" that PATT (default "kv") or LoRA (default "qv") adapt;
             for "tune", the Table 1 positions to unfreeze (e.g. ``["attn_qkv", "norm2"]``).
@@ -75,9 +71,8 @@ def inject(
         strict: raise (True) or warn (False) when an attention module cannot be adapted.
         example_input: a model input (tensor or tuple of args) to check at once that every
             branch is called; without it the check runs on the first forward.
-        **options: method options of :func:`vpetl.preset`: ``length`` (prefix, vpt), ``deep``
-            (vpt), ``variant`` / ``tokens`` / ``learnable_scale`` (PATT), ``activation``,
-            ``placement`` (adapter: "parallel" or "sequential").
+        **options: the named method's other options (its config's fields, see
+            :func:`vpetl.preset`), and ``branch_dtype``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"inject expects a torch.nn.Module; got {type(model).__name__}.")
@@ -105,11 +100,12 @@ def inject(
         )
 
     record = InjectionRecord(config)
+    injection = Injection(model, config, record, strict)
     try:
-        sites = _find_sites(model, strict) if (config.has_branches or config.tune) else []
-        if config.has_branches:
-            _add_branches(model, sites, config, record, strict)
-        _set_trainable(model, config, record, sites)
+        for entry in config.methods:
+            entry.attach(injection)
+        injection.wire()
+        _set_trainable(model, config, record, injection.trained)
     except BaseException:
         record.undo()
         raise
@@ -123,73 +119,167 @@ def inject(
 
 
 def _resolve_config(method: Any, options: dict[str, Any], train_head: bool, kernel: Any) -> InjectConfig:
+    if isinstance(method, str):
+        return preset(method, train_head=train_head, kernel=kernel, **options)
+    clash = [k for k, v in options.items() if v is not None]
     if isinstance(method, InjectConfig):
-        clash = [k for k, v in options.items() if v is not None]
         if clash or train_head is not True or kernel != "auto":
             raise ConfigError(
                 "pass either an InjectConfig or keyword options, not both; "
                 f"got an InjectConfig and {clash or 'train_head/kernel'}."
             )
         return method
-    return preset(method, train_head=train_head, kernel=kernel, **options)
+    entries = (method,) if isinstance(method, Method) else method
+    if not isinstance(entries, Iterable) or isinstance(entries, (bytes, dict)):
+        raise ConfigError(
+            f"method must be a name (one of vpetl.METHODS), a method entry such as vpetl.PATT(), a list of "
+            f"entries, or an InjectConfig; got {type(method).__name__}."
+        )
+    if clash:
+        raise ConfigError(
+            f"options {clash} go into the method entries themselves when you pass entries "
+            "(e.g. vpetl.PATT(d_bottle=64, scale=0.5)); only train_head, kernel and branch_dtype are accepted here."
+        )
+    entries = tuple(entries)
+    label = "+".join(e.name for e in entries if isinstance(e, Method)) or "linear"
+    return InjectConfig(methods=entries, method=label, train_head=train_head, kernel=kernel,
+                        **({"branch_dtype": options["branch_dtype"]} if options.get("branch_dtype") else {}))
 
 
-def find_attention(model: nn.Module) -> tuple[list[AttentionSite], list[tuple[str, nn.Module]]]:
-    """Attention modules a handler adapts, and attention-like modules none can (unhandled)."""
-    sites: list[AttentionSite] = []
-    suspects: list[tuple[str, nn.Module]] = []
-    for path, module in model.named_modules():
-        if any(s.path == "" or path.startswith(s.path + ".") for s in sites):
-            continue  # inside a site already claimed (the root itself may be one)
-        handler = next((h for h in HANDLERS if h.match(module)), None)
-        if handler is not None:
-            sites.append(AttentionSite(path, module, handler))
-        elif _looks_like_attention(module):
-            suspects.append((path, module))
-    site_paths = [s.path for s in sites]
-    unhandled = [
-        (p, m) for p, m in suspects
-        if not any(s.startswith(p + ".") or p.startswith(s + ".") for s in site_paths)
-    ]
-    return sites, unhandled
+class Injection:
+    """One injection in progress: what a method entry's ``attach`` works through.
 
+    It finds the sites once (attention modules, the MLP beside each), registers branches under
+    their names, places them on the base's device and dtype, and at the end wires every
+    projection's branches together, so entries that adapt the same projection sum.
+    """
 
-def _module_census(model: nn.Module, limit: int = 6) -> str:
-    """"12 Linear, 4 LayerNorm, ..." for error messages: what the walker did find."""
-    counts: dict[str, int] = {}
-    for module in model.modules():
-        if module is not model:
-            counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
-    if not counts:
-        return "no submodules"
-    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-    text = ", ".join(f"{n} {name}" for name, n in ranked[:limit])
-    return text + (f", and {len(ranked) - limit} other types" if len(ranked) > limit else "")
+    def __init__(self, model: nn.Module, config: InjectConfig, record: InjectionRecord, strict: bool) -> None:
+        self.model, self.config, self.record, self.strict = model, config, record, strict
+        self.kernel: Kernel = config.kernel
+        self.trained: list[nn.Parameter] = []  # base parameters entries unfreeze
+        self._sites: list[AttentionSite] | None = None
+        self._specs: dict[str, ProjectionSpec] = {}
+        self._mlp_sites: list[MlpSite] | None = None
+        self._projection: dict[str, list[Branch]] = {}
+        self._extra_keys: dict[str, list[Branch]] = {}
 
+    # ------------------------------------------------------------------ sites
+    def attention_sites(self) -> list[AttentionSite]:
+        """Every attention module a handler adapts (an error, or a warning with ``strict=False``,
+        for attention-like modules none can; an error when there is none at all)."""
+        if self._sites is None:
+            self._sites = _find_sites(self.model, self.strict)
+        return self._sites
 
-def _why_unhandled(module: nn.Module) -> str:
-    reason = unsupported_reason(module) if "qkv" in module._modules else None
-    return reason or "its q/k/v projections are not nn.Linear modules called in forward"
+    def projection_spec(self, site: AttentionSite, positions: str, method: str) -> ProjectionSpec:
+        """The handler's description of ``site``'s q/k/v projections; ``positions`` must exist."""
+        spec = self._specs.get(site.path)
+        if spec is None:
+            try:
+                spec = self._specs[site.path] = site.handler.spec(site.module)
+            except InjectionError as error:
+                raise InjectionError(f"{site.path or '<root>'}: {error}") from error
+        missing = [c for c in positions if c not in spec.widths]
+        if missing:
+            raise InjectionError(
+                f"{site.path} ({type(site.module).__name__}) has no projection for {method} positions {missing}; "
+                f"it has {''.join(spec.widths)}. Choose positions from those."
+            )
+        return spec
 
+    def mlp_sites(self) -> list[MlpSite]:
+        """The MLP of every block that holds an attention site (each once)."""
+        if self._mlp_sites is None:
+            self._mlp_sites, missing, seen = [], [], set()
+            for site in self.attention_sites():
+                mlp = locate_mlp(self.model, site.path)
+                if mlp is None:
+                    missing.append(f"{site.path} ({type(site.module).__name__})")
+                elif mlp.path not in seen:
+                    seen.add(mlp.path)
+                    self._mlp_sites.append(mlp)
+            if missing:
+                message = (
+                    f"found no MLP beside {len(missing)} attention module(s): {', '.join(missing[:8])}; the adapter "
+                    "sits beside a block's MLP: a child named mlp/ffn/feed_forward made of nn.Linear layers (a "
+                    "convolutional MLP does not qualify), or an HF intermediate/output pair. Pass strict=False "
+                    "to skip these blocks."
+                )
+                if self.strict or not self._mlp_sites:
+                    raise InjectionError(message)
+                warnings.warn(message, stacklevel=5)
+        return self._mlp_sites
 
-def _looks_like_attention(module: nn.Module) -> bool:
-    return bool(PROJECTION_CHILD_NAMES & set(module._modules)) or "in_proj_weight" in module._parameters
+    # ------------------------------------------------------------------ adding
+    def place(self, branch: Branch, like: torch.Tensor) -> Branch:
+        """``branch`` on ``like``'s device, in its dtype (or float32 per ``branch_dtype``)."""
+        return branch.place(like.device, like.dtype, self.config.branch_dtype is BranchDtype.FLOAT32)
+
+    def add_branch(self, parent_path: str, name: str, branch: Branch) -> str:
+        """Register ``branch`` as ``<parent_path>.<name>`` (undoably); returns its path."""
+        self.record.add_module(self.model.get_submodule(parent_path), name, branch)
+        return self.adopt(_join(parent_path, name), branch)
+
+    def adopt(self, path: str, branch: Branch) -> str:
+        """Count ``branch`` (already registered at ``path``) as one of the injection's branches."""
+        if path in self.record.branches:
+            raise InjectionError(f"two method entries add a branch at {path}; combine them differently.")
+        self.record.branches[path] = branch
+        return path
+
+    def add_projection_branch(self, site: AttentionSite, name: str, branch: Branch) -> None:
+        """Register ``branch`` on the attention and have its q/k/v projections add it."""
+        spec = self._specs[site.path]
+        self.add_branch(site.path, name, self.place(branch, torch.empty(0, device=spec.device, dtype=spec.dtype)))
+        self._projection.setdefault(site.path, []).append(branch)
+
+    def add_extra_keys(self, site: AttentionSite, name: str, branch: Branch) -> None:
+        """Register ``branch`` on the attention and have it extend K and V along the token axis."""
+        spec = self._specs[site.path]
+        self.add_branch(site.path, name, self.place(branch, torch.empty(0, device=spec.device, dtype=spec.dtype)))
+        self._extra_keys.setdefault(site.path, []).append(branch)
+
+    def add_mlp_branch(self, site: MlpSite, branch: Branch) -> None:
+        """Register ``branch`` on the block as ``vpetl_adapter``; the MLP's forward adds it."""
+        site.wire(branch, self.record)
+        self.adopt(_join(site.path, "vpetl_adapter"), branch)
+
+    def train(self, params: Iterable[nn.Parameter]) -> None:
+        """Unfreeze these base parameters (tune, bitfit, full)."""
+        self.trained.extend(params)
+
+    # ------------------------------------------------------------------ wiring
+    def wire(self) -> None:
+        """Hand each attention's branches to its handler, all entries' together."""
+        for site in self._sites or []:
+            projection, extra = self._projection.get(site.path), self._extra_keys.get(site.path)
+            if not (projection or extra):
+                continue
+            try:
+                if projection:
+                    site.handler.wire(site.module, projection, self.record)
+                if extra:
+                    site.handler.wire_extra_keys(site.module, extra, self.record)
+            except InjectionError as error:
+                raise InjectionError(f"{site.path or '<root>'}: {error}") from error
+            self.record.sites.append(site)
 
 
 def _find_sites(model: nn.Module, strict: bool) -> list[AttentionSite]:
     sites, unhandled = find_attention(model)
     if unhandled:
-        listing = "; ".join(f"{p or '<root>'} ({type(m).__name__}): {_why_unhandled(m)}" for p, m in unhandled[:8])
+        listing = "; ".join(f"{p or '<root>'} ({type(m).__name__}): {why_unhandled(m)}" for p, m in unhandled[:8])
         message = (
             f"vpetl cannot adapt {len(unhandled)} attention module(s): {listing}. Pass strict=False to "
             "adapt the rest and leave these frozen, or open an issue with the model name."
         )
         if strict:
             raise InjectionError(message)
-        warnings.warn(message, stacklevel=3)
+        warnings.warn(message, stacklevel=5)
     if not sites:
         raise InjectionError(
-            f"found no attention module in {type(model).__name__} (it contains {_module_census(model)}). "
+            f"found no attention module in {type(model).__name__} (it contains {module_census(model)}). "
             "vpetl adapts attention with a fused qkv nn.Linear, separate q/k/v (or q + kv) nn.Linear "
             "children, nn.MultiheadAttention and torchvision window attention. For a model without "
             "attention use method 'linear', 'bitfit' or 'full'."
@@ -197,130 +287,18 @@ def _find_sites(model: nn.Module, strict: bool) -> list[AttentionSite]:
     return sites
 
 
-def _add_branches(
-    model: nn.Module, sites: list[AttentionSite], config: InjectConfig, record: InjectionRecord, strict: bool
-) -> None:
-    if config.patt or config.lora or config.prefix:
-        for site in sites:
-            _add_projection_branches(site, config, record)
-    if config.adapter is not None:
-        _add_adapters(model, sites, config, record, strict)
-    if config.prompt is not None:
-        from .prompts import add_prompts
-
-        for path, branch in add_prompts(model, [s.path for s in sites], config.prompt, record).items():
-            ref = next(branch.parameters())
-            branch.place(ref.device, ref.dtype, _fp32(config))
-            record.branches[path] = branch
-
-
-def _add_projection_branches(site: AttentionSite, config: InjectConfig, record: InjectionRecord) -> None:
-    try:
-        spec = site.handler.spec(site.module)
-    except InjectionError as error:
-        raise InjectionError(f"{site.path or '<root>'}: {error}") from error
-    branches, token_branches = [], []
-    if config.prefix is not None:
-        d_key, d_value = _key_value_widths(site, spec)
-        prefix = PrefixBranch(spec.d_in, d_key, d_value, config.prefix).place(spec.device, spec.dtype, _fp32(config))
-        record.add_module(site.module, "vpetl_prefix", prefix)
-        record.branches[_join(site.path, "vpetl_prefix")] = prefix
-        token_branches.append(prefix)
-    for cfg, name in ((config.patt, "vpetl_patt"), (config.lora, "vpetl_lora")):
-        if cfg is None:
-            continue
-        missing = [c for c in cfg.positions if c not in spec.widths]
-        if missing:
-            raise InjectionError(
-                f"{site.path} ({type(site.module).__name__}) has no projection for positions {missing}; "
-                f"it has {''.join(spec.widths)}. Choose positions from those."
-            )
-        widths = {c: spec.widths[c] for c in cfg.positions}
-        if name == "vpetl_patt":
-            bias = spec.bias if cfg.bias is None else cfg.bias
-            branch = PattBranch(spec.d_in, widths, cfg, bias=bias)
-            branch.kernel = config.kernel
-        else:
-            branch = LoraBranch(spec.d_in, widths, cfg)
-        branch.place(spec.device, spec.dtype, _fp32(config))
-        record.add_module(site.module, name, branch)
-        record.branches[_join(site.path, name)] = branch
-        concat = name == "vpetl_patt" and cfg.variant is PattVariant.CONCAT
-        (token_branches if concat else branches).append(branch)
-    try:
-        if branches:
-            site.handler.wire(site.module, branches, record)
-        if token_branches:
-            site.handler.wire_extra_keys(site.module, token_branches, record)
-    except InjectionError as error:
-        raise InjectionError(f"{site.path or '<root>'}: {error}") from error
-    record.sites.append((site.module, site.handler))
-
-
-def _key_value_widths(site: AttentionSite, spec: Any) -> tuple[int, int]:
-    if "k" not in spec.widths or "v" not in spec.widths:
-        raise InjectionError(
-            f"{site.path} ({type(site.module).__name__}) has no key and value projections to extend with "
-            f"prefix tokens; it has {''.join(spec.widths)}."
-        )
-    return spec.widths["k"], spec.widths["v"]
-
-
-def _add_adapters(
-    model: nn.Module, sites: list[AttentionSite], config: InjectConfig, record: InjectionRecord, strict: bool
-) -> None:
-    done: set[str] = set()
-    missing: list[str] = []
-    for site in sites:
-        mlp_site = locate_mlp(model, site.path)
-        if mlp_site is None:
-            missing.append(f"{site.path} ({type(site.module).__name__})")
-            continue
-        if mlp_site.path in done:
-            continue
-        done.add(mlp_site.path)
-        ref = next(mlp_site.module.parameters())
-        adapter = AdapterBranch(mlp_site.d_in, config.adapter, mlp_site.d_out).place(ref.device, ref.dtype, _fp32(config))
-        adapter.kernel = config.kernel
-        mlp_site.wire(adapter, record)
-        record.branches[_join(mlp_site.path, "vpetl_adapter")] = adapter
-    if missing:
-        message = (
-            f"found no MLP beside {len(missing)} attention module(s): {', '.join(missing[:8])}; the adapter "
-            "sits beside a block's MLP: a child named mlp/ffn/feed_forward made of nn.Linear layers (a "
-            "convolutional MLP does not qualify), or an HF intermediate/output pair. Pass strict=False "
-            "to skip these blocks."
-        )
-        if strict or not done:
-            raise InjectionError(message)
-        warnings.warn(message, stacklevel=4)
-
-
-def _set_trainable(model: nn.Module, config: InjectConfig, record: InjectionRecord, sites: list[AttentionSite]) -> None:
+def _set_trainable(model: nn.Module, config: InjectConfig, record: InjectionRecord, trained: list[nn.Parameter]) -> None:
     record.remember_requires_grad(model)
     record.head_paths = find_head_paths(model)
-    branch_params = {id(p) for b in record.branches.values() for p in b.parameters()}
-    if config.tune:
-        from .tune import tune_parameters
-
-        branch_params |= {id(p) for p in tune_parameters(model, [(s.path, s.module) for s in sites], config.tune)}
+    chosen = {id(p) for b in record.branches.values() for p in b.parameters()} | {id(p) for p in trained}
     head_prefixes = tuple(p + "." for p in record.head_paths) if config.train_head else ()
-    trainable = []
+    names = []
     for name, param in model.named_parameters():
-        train = (
-            id(param) in branch_params
-            or config.train_all
-            or name.startswith(head_prefixes) and bool(head_prefixes)
-            or config.train_biases and name.rsplit(".", 1)[-1].endswith("bias")
-        )
+        train = id(param) in chosen or bool(head_prefixes) and name.startswith(head_prefixes)
         param.requires_grad_(train)
         if train:
-            trainable.append(name)
-    record.delta_names = tuple(trainable)
-
-
-def _fp32(config: InjectConfig) -> bool:
-    return config.branch_dtype is BranchDtype.FLOAT32
+            names.append(name)
+    record.delta_names = tuple(names)
 
 
 def _join(path: str, name: str) -> str:
@@ -330,15 +308,14 @@ def _join(path: str, name: str) -> str:
 @contextmanager
 def record_calls(model: nn.Module) -> Iterator[set[int]]:
     """Within the block, every branch of ``model`` logs its id when forward reaches it."""
-    record = _require_record(model)
+    _require_record(model)
     log: set[int] = set()
-    for branch in record.branches.values():
-        branch._call_log = log
+    outer = branch_protocol._CALL_LOG[0]
+    branch_protocol._CALL_LOG[0] = log
     try:
         yield log
     finally:
-        for branch in record.branches.values():
-            branch._call_log = None
+        branch_protocol._CALL_LOG[0] = outer
 
 
 def uncalled_branches(model: nn.Module, log: set[int]) -> list[str]:
@@ -374,23 +351,31 @@ def _install_first_forward_check(model: nn.Module, record: InjectionRecord) -> N
 
 
 def _start_check(module: nn.Module, args: Any) -> None:
-    record = get_record(module)
-    if record is not None:
-        log: set[int] = set()
-        for branch in record.branches.values():
-            branch._call_log = log
+    if get_record(module) is not None:
+        record_pending_calls(module)
 
 
 def _finish_check(module: nn.Module, args: Any, output: Any) -> None:
     record = get_record(module)
     if record is None or not record.branches or record.disabled:
         return  # a forward inside vpetl.disabled() calls no branch by design: check the next one
-    log = next(iter(record.branches.values()))._call_log
-    for branch in record.branches.values():
-        branch._call_log = None
+    log = _PENDING.pop(id(module), None)
+    if log is not None and branch_protocol._CALL_LOG[0] is log:
+        branch_protocol._CALL_LOG[0] = None
     record.remove_hooks(module)
     if log is not None:
         _raise_if_uncalled(module, log)
+
+
+# root id -> the call log of its pending first-forward check (set by the pre-hook)
+_PENDING: dict[int, set[int]] = {}
+
+
+def record_pending_calls(module: nn.Module) -> None:
+    log = branch_protocol._CALL_LOG[0]
+    if log is None:
+        log = branch_protocol._CALL_LOG[0] = set()
+    _PENDING[id(module)] = log
 
 
 def _require_record(model: nn.Module) -> InjectionRecord:

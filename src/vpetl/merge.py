@@ -1,10 +1,9 @@
-"""Take an injection back out: ``unload`` restores the original modules, ``merge`` first
-folds LoRA into the frozen weights.
+"""Take an injection back out: ``unload`` restores the original modules, ``merge`` first folds
+every method entry into the frozen weights, when every entry can be (``Method.mergeable``).
 
-Merging LoRA is exact: ``W_p x + scale * B_p A_p x = (W_p + scale * B_p A_p) x``. PATT and
-the adapter cannot be merged: ``tanh(x W_down) W_up`` (PATT) and ``relu(x W_down) W_up``
-(adapter) are not linear in ``x``, so no weight matrix reproduces them. Prefix and prompt
-tokens add keys or tokens the base model does not have, so no weight change reproduces them.
+Each method says how it merges (its ``merge``): LoRA adds ``scale * B A`` to the weight rows,
+SSF scales and shifts weights and biases, and so on. Nonlinear branches (PATT, the adapter)
+and methods that add keys or tokens (prefix, VPT) cannot: no weight change reproduces them.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import torch
 from torch import nn
 
 from . import scripting
-from .branches import LoraBranch
 from .errors import MergeError
 from .inject import _require_record
 from .record import set_record
@@ -32,36 +30,28 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold LoRA into the frozen projection weights in place, then ``unload``.
+    """Fold every method entry into the base weights in place, then ``unload``: the result is
+    the plain model with exactly its original keys and module types.
 
-    Raises ``MergeError`` (and leaves the model untouched) if PATT or an adapter is present.
+    Raises ``MergeError`` (and leaves the model untouched) if any entry cannot be merged.
     """
     record = _require_record(model)
     config = record.config
-    nonlinear = [
-        name for name, cfg in (("PATT", config.patt), ("the adapter", config.adapter)) if cfg is not None
-    ]
-    if nonlinear:
+    blocked = [e for e in config.methods if not e.mergeable]
+    if blocked:
+        reasons = "; ".join(f"{e.name}: {e.why_not_mergeable}" for e in blocked)
+        mergeable = ", ".join(sorted(e.name for e in _registered() if e.mergeable))
         raise MergeError(
-            f"cannot merge {' and '.join(nonlinear)} (method {config.method!r}): PATT computes "
-            "tanh(x W_down) W_up and the adapter relu(x W_down) W_up, which are not linear in x, so no "
-            "weight matrix reproduces them. Keep the injected model for inference, or call "
-            "vpetl.unload(model) to drop the branches; only LoRA can be merged."
-        )
-    tokens = [name for name, cfg in (("prefix", config.prefix), ("prompt", config.prompt)) if cfg is not None]
-    if tokens:
-        raise MergeError(
-            f"cannot merge {' and '.join(tokens)} tokens (method {config.method!r}): they add keys or tokens "
-            "that the base model does not have, so no weight change reproduces them. Keep the injected model "
-            "for inference, or call vpetl.unload(model) to drop them; only LoRA can be merged."
+            f"cannot merge method {config.method!r}: {reasons}. Keep the injected model for inference, or call "
+            f"vpetl.unload(model) to drop the branches. Methods that merge exactly: {mergeable}."
         )
     with torch.no_grad():
-        for module, handler in record.sites:
-            lora = module._modules.get("vpetl_lora")
-            if not isinstance(lora, LoraBranch):
-                continue
-            for letter in lora.positions:
-                rows = handler.weight_rows(module, letter)
-                delta = lora.delta_weight(letter).to(rows.dtype)
-                rows.add_(delta.view(rows.shape))
+        for entry in reversed(config.methods):  # innermost (attached last) first
+            entry.merge(record)
     return unload(model)
+
+
+def _registered():
+    from .registry import REGISTRY
+
+    return REGISTRY.values()

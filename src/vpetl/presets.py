@@ -1,135 +1,110 @@
-"""The string presets of ``vpetl.inject``: a method name and a few knobs -> an ``InjectConfig``.
+"""The string presets of ``vpetl.inject``: a name and a few knobs -> an ``InjectConfig``.
 
-Paper defaults (DESIGN.md §1):
+Every registered method (:mod:`vpetl.methods`) is a preset of itself: ``inject(model, "ssf")``
+is ``inject(model, [vpetl.SSF()])`` + head, and its options are its config's fields (``d_bottle``
+sets its width / rank field). Two presets combine entries:
 
 ============  ===============================================================  =========
-method        what trains                                                      d_bottle
+preset        entries (+ the head)                                             d_bottle
 ============  ===============================================================  =========
-``patt``      PATT(r, s=0.8, tanh, positions "kv") + head                      128
-``adapter``   Adapter(r, s=0.1, ReLU, parallel to the MLP) + head              64
-``bapat``     Adapter(64, s=0.1) + PATT(r, s=0.8) + head                       128
-``lora``      LoRA(r) on Q and V, separate pairs, scale 1 + head               16
-``prefix``    L=10 prefix tokens through d -> r -> 2d (tanh) per attention     128
-``vpt``       L=10 prompt tokens after CLS, shallow (``deep=True``: per block)  --
-``tune``      the base parameters at ``positions`` (Table 1) + head            --
-``bitfit``    every bias of the base + head                                    --
-``linear``    head only ("tune FC", linear probe)                              --
-``full``      every parameter                                                  --
+``bapat``     ``PATT(r, s=0.8)`` + ``Adapter(64, s=0.1)`` (V-PETL's BAPAT)      128 (PATT)
+``linear``    none: the head only ("tune FC", linear probe)                    --
 ============  ===============================================================  =========
 
-Each option applies to the methods listed in ``OPTIONS``; passing it to another method is an
-error rather than silently ignored.
+An option applies to the presets whose entries have that field (``OPTIONS``); passing it to
+another is an error rather than silently ignored. In ``bapat`` every option but ``placement``
+shapes the PATT entry; the adapter keeps the paper's 64 / 0.1.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from .config import (
-    AdapterConfig,
-    InjectConfig,
-    Kernel,
-    LoraConfig,
-    PattConfig,
-    PrefixConfig,
-    PromptConfig,
-    normalize_tune_positions,
-)
+from .config import InjectConfig
 from .errors import ConfigError
+from .options import Kernel
+from .registry import REGISTRY, Method, method_class
+from . import methods  # noqa: F401  (registers every method)
 
-METHODS = ("patt", "adapter", "bapat", "lora", "prefix", "vpt", "tune", "bitfit", "linear", "full")
-_WIDTH_DEFAULTS = {"patt": 128, "bapat": 128, "adapter": 64, "lora": 16, "prefix": 128}
-_LETTER_POSITIONS = {"patt": "kv", "bapat": "kv", "lora": "qv"}
 
-# option -> the methods it applies to
+@dataclass(frozen=True)
+class Preset:
+    """A named list of entry classes; options go to the first entry that has the field."""
+
+    name: str
+    entries: tuple[type[Method], ...]
+    summary: str = ""
+
+
+_ORDER = ("patt", "adapter", "bapat", "lora", "prefix", "vpt", "tune", "bitfit", "linear", "full")
+
+
+def _presets() -> dict[str, Preset]:
+    out = {name: Preset(name, (cls,), cls.paper) for name, cls in REGISTRY.items()}
+    out["bapat"] = Preset("bapat", (method_class("patt"), method_class("adapter")),
+                          "V-PETL's BAPAT: PATT + AdaptFormer-64 (s=0.1)")
+    out["linear"] = Preset("linear", (), "the head only (linear probe, 'tune FC')")
+    first = [n for n in _ORDER if n in out]
+    return {n: out[n] for n in first + sorted(set(out) - set(first))}
+
+
+PRESETS: dict[str, Preset] = _presets()
+METHODS: tuple[str, ...] = tuple(PRESETS)
+
+
+def _applies(option: str, entry: type[Method]) -> bool:
+    return option in entry.option_names()
+
+
+_ENTRY_OPTIONS = sorted({o for cls in REGISTRY.values() for o in cls.option_names()})
+# option -> the presets it applies to
 OPTIONS: dict[str, tuple[str, ...]] = {
-    "d_bottle": tuple(_WIDTH_DEFAULTS),
-    "scale": ("patt", "bapat", "adapter", "lora"),
-    "positions": ("patt", "bapat", "lora", "tune"),
-    "zero_init": ("patt", "bapat"),
-    "length": ("prefix", "vpt"),
-    "deep": ("vpt",),
-    "variant": ("patt", "bapat"),
-    "tokens": ("patt", "bapat"),
-    "activation": ("patt", "bapat", "adapter", "prefix"),
-    "learnable_scale": ("patt", "bapat", "adapter"),
-    "placement": ("adapter", "bapat"),
-    "branch_dtype": ("patt", "bapat", "adapter", "lora", "prefix", "vpt"),
+    **{o: tuple(n for n, p in PRESETS.items() if any(_applies(o, e) for e in p.entries)) for o in _ENTRY_OPTIONS},
+    "branch_dtype": tuple(n for n, p in PRESETS.items() if any(e.adds_branches for e in p.entries)),
 }
 
 
 def preset(
     method: str,
     *,
-    d_bottle: int | None = None,
-    scale: float | None = None,
-    positions: Any = None,
     train_head: bool = True,
-    zero_init: bool | None = None,
     kernel: Kernel | str = Kernel.AUTO,
-    length: int | None = None,
-    deep: bool | None = None,
-    variant: Any = None,
-    tokens: int | None = None,
-    activation: Any = None,
-    learnable_scale: bool | None = None,
-    placement: Any = None,
     branch_dtype: Any = None,
+    **options: Any,
 ) -> InjectConfig:
-    """Map a method name and its knobs onto an ``InjectConfig`` (paper defaults where ``None``).
+    """Map a preset name and its options onto an ``InjectConfig`` (paper defaults where ``None``).
 
     ``positions`` is a string of letters from "qkv" for patt/bapat/lora, and one or more
     :class:`~vpetl.TunePosition` (or their names, e.g. ``["attn_qkv", "mlp_fc1"]``) for tune.
-    With bapat, ``activation``/``variant``/``learnable_scale`` shape the PATT branch and
-    ``placement`` the adapter (which keeps the paper's 64 / 0.1). ``branch_dtype="float32"``
-    keeps the trained parameters in fp32 when the base runs in bf16/fp16.
+    ``branch_dtype="float32"`` keeps the trained parameters in fp32 when the base runs in
+    bf16/fp16.
     """
-    if not isinstance(method, str) or method not in METHODS:
+    if not isinstance(method, str) or method not in PRESETS:
         raise ConfigError(f"unknown method {method!r}; accepted: {', '.join(METHODS)} (or pass an InjectConfig).")
-    if zero_init is False:
-        zero_init = None  # "no zero init" is every method's default
-    given = {
-        "d_bottle": d_bottle, "scale": scale, "positions": positions, "zero_init": zero_init, "length": length,
-        "deep": deep, "variant": variant, "tokens": tokens, "activation": activation,
-        "learnable_scale": learnable_scale, "placement": placement, "branch_dtype": branch_dtype,
-    }
+    if options.get("zero_init") is False:
+        options["zero_init"] = None  # "no zero init" is every method's default
+    given = {k: v for k, v in options.items() if v is not None}
+    if branch_dtype is not None:
+        given["branch_dtype"] = branch_dtype
+    unknown = sorted(set(given) - set(OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown}; accepted: {', '.join(sorted(OPTIONS))}.")
     for name, value in given.items():
-        if value is not None and method not in OPTIONS[name]:
+        if method not in OPTIONS[name]:
             raise ConfigError(
                 f"option {name}={value!r} does not apply to method {method!r}; it applies to "
                 f"{', '.join(OPTIONS[name])}. Leave it out (None)."
             )
-    common = dict(method=method, train_head=train_head, kernel=kernel, **_given(given, "branch_dtype"))
-    width = _WIDTH_DEFAULTS.get(method) if d_bottle is None else d_bottle
-    if method in ("patt", "bapat"):
-        patt = PattConfig(
-            d_bottle=width, positions="kv" if positions is None else positions,
-            **_given(given, "scale", "zero_init", "variant", "tokens", "activation", "learnable_scale"),
-        )
-        adapter = AdapterConfig(**_given(given, "placement")) if method == "bapat" else None
-        return InjectConfig(patt=patt, adapter=adapter, **common)
-    if method == "adapter":
-        adapter = AdapterConfig(d_bottle=width, **_given(given, "scale", "activation", "learnable_scale", "placement"))
-        return InjectConfig(adapter=adapter, **common)
-    if method == "lora":
-        return InjectConfig(lora=LoraConfig(rank=width, positions="qv" if positions is None else positions, **_given(given, "scale")), **common)
-    if method == "prefix":
-        return InjectConfig(prefix=PrefixConfig(d_bottle=width, **_given(given, "length", "activation")), **common)
-    if method == "vpt":
-        return InjectConfig(prompt=PromptConfig(**_given(given, "length", "deep")), **common)
-    if method == "tune":
-        if positions is None:
-            raise ConfigError(
-                "method 'tune' needs positions=[...] naming what to unfreeze (Table 1): "
-                "norm1, attn_proj, attn_qkv, attn_softmax, norm2, mlp_fc1, mlp_fc2, downsample."
-            )
-        return InjectConfig(tune=normalize_tune_positions(positions), **common)
-    if method == "bitfit":
-        return InjectConfig(train_biases=True, **common)
-    if method == "linear":
-        return InjectConfig(**common)
-    return InjectConfig(train_all=True, **common)  # "full"
+    common = dict(method=method, train_head=train_head, kernel=kernel)
+    if "branch_dtype" in given:
+        common["branch_dtype"] = given.pop("branch_dtype")
+    chosen = PRESETS[method].entries
+    per_entry: list[dict[str, Any]] = [{} for _ in chosen]
+    for name, value in given.items():
+        index = next(i for i, e in enumerate(chosen) if _applies(name, e))
+        field = chosen[index].width_field if name == "d_bottle" else name
+        per_entry[index][field] = value
+    entries = tuple(cls(**kwargs) for cls, kwargs in zip(chosen, per_entry))
+    return InjectConfig(methods=entries, **common)
 
-
-def _given(values: dict[str, Any], *names: str) -> dict[str, Any]:
-    return {name: values[name] for name in names if values[name] is not None}

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from . import kernels, scripting
 from .kernels import torch_path
 from .branches import ProjectionBranch
-from .config import Kernel
+from .options import Kernel
 from .tracing import plain_path
 
 
@@ -307,21 +307,18 @@ class BranchedLinear(nn.Linear):
 
     __jit_unused_properties__ = ["base"]  # torch.jit.script compiles properties unless told
 
-    def __init__(self, base: nn.Linear, layout: SlotLayout):
+    def __init__(self, base: nn.Linear, layout: SlotLayout, branches: list[ProjectionBranch]):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.register_parameter("bias", base.bias)
         self.layout = layout
-        self._branches: list[ProjectionBranch] = []
+        self._branches: list[ProjectionBranch] = list(branches)
         object.__setattr__(self, "_base", base)  # not a submodule (keys stay): vpetl.unload restores it
 
     @property
     def base(self) -> nn.Linear:
         return self._base
-
-    def attach(self, branch: ProjectionBranch) -> None:
-        self._branches.append(branch)
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.jit.is_scripting():  # see vpetl.scripting

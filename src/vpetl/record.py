@@ -10,12 +10,13 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .config import InjectConfig
+if TYPE_CHECKING:
+    from .config import InjectConfig
 
 RECORD_ATTR = "_vpetl"
 
@@ -130,7 +131,7 @@ class InjectionRecord:
 
     config: InjectConfig
     branches: dict[str, nn.Module] = field(default_factory=dict)
-    sites: list[tuple[nn.Module, Any]] = field(default_factory=list)  # (attention module, its handler)
+    sites: list[Any] = field(default_factory=list)  # the AttentionSites that received branches
     delta_names: tuple[str, ...] = ()
     head_paths: tuple[str, ...] = ()
     undo_log: list[Any] = field(default_factory=list)

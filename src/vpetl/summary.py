@@ -8,11 +8,7 @@ from torch import nn
 
 from .record import get_record
 
-KIND_MARKERS = (
-    ("patt", ".vpetl_patt."), ("lora", ".vpetl_lora."), ("adapter", ".vpetl_adapter."),
-    ("prefix", ".vpetl_prefix."), ("prompt", ".vpetl_prompt."),
-)
-BRANCH_KINDS = tuple(kind for kind, _ in KIND_MARKERS)
+from .registry import BRANCH_MARKER, branch_kinds
 
 
 @dataclass(frozen=True)
@@ -44,8 +40,8 @@ class Summary:
 
 def _kind(name: str, head_prefixes: tuple[str, ...]) -> str:
     dotted = "." + name
-    for kind, marker in KIND_MARKERS:
-        if marker in dotted:
+    for kind in branch_kinds():
+        if f".{BRANCH_MARKER}{kind}." in dotted:
             return kind
     if head_prefixes and name.startswith(head_prefixes):
         return "head"
@@ -55,8 +51,9 @@ def _kind(name: str, head_prefixes: tuple[str, ...]) -> str:
 
 
 def summary(model: nn.Module) -> Summary:
-    """Trainable parameters of ``model`` (by ``requires_grad``) grouped into patt / adapter /
-    lora / prefix / prompt / head / bias / base, with the total and the base-model total."""
+    """Trainable parameters of ``model`` (by ``requires_grad``) grouped by branch kind (one per
+    registered method: patt, adapter, lora, ...) then head / bias / base, with the total and
+    the base-model total."""
     record = get_record(model)
     head_prefixes = tuple(p + "." for p in record.head_paths) if record else ()
     by_kind: dict[str, int] = {}
@@ -64,11 +61,11 @@ def summary(model: nn.Module) -> Summary:
     for name, param in model.named_parameters():
         kind = _kind(name, head_prefixes)
         total += param.numel()
-        if kind not in BRANCH_KINDS:
+        if kind not in branch_kinds():
             base_total += param.numel()
         if param.requires_grad:
             trainable += param.numel()
             by_kind[kind] = by_kind.get(kind, 0) + param.numel()
-    order = ["patt", "adapter", "lora", "prefix", "prompt", "head", "bias", "base"]
+    order = [*branch_kinds(), "head", "bias", "base"]
     ordered = {k: by_kind[k] for k in order if k in by_kind}
     return Summary(record.config.method if record else None, ordered, trainable, total, base_total)

@@ -5,10 +5,10 @@ with the tensor that feeds its K/V projection and concatenates the result to K a
 head (``(B, H, S, hd)`` -> ``(B, H, S + L, hd)``), padding any position bias with 0 and any
 mask as :attr:`KeyValueBranch.placement` says.
 
-* :class:`PrefixBranch` (prefix-tuning, Eq. 5): ``L`` learned tokens ``P (L, d)``,
+* :class:`vpetl.methods.prefix.PrefixBranch` (prefix-tuning, Eq. 5): ``L`` learned tokens ``P (L, d)``,
   ``[P_k | P_v] = act(P W_down^T + b_down) W_up^T + b_up``, ``(L, 2d)``, *prepended* to K, V;
   the same for every sample and window; bias and mask padded with 0 (every query sees them).
-* PATT's ``concat`` variant (:class:`vpetl.branches.PattBranch` with ``variant="concat"``):
+* PATT's ``concat`` variant (:class:`vpetl.methods.patt.PattBranch` with ``variant="concat"``):
   ``s K_p``/``s V_p`` from ``Z^{l-1}``, ``(..., N, d)``, *appended*: key ``N + j`` comes from
   token ``j``, so it gets token ``j``'s mask column and a 0 position bias.
 """
@@ -20,9 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .branches import ACTIVATIONS, Branch
-from .config import PrefixConfig
-from .tracing import plain_path
+from .branches import Branch
 
 Placement = Literal["prepend", "append"]
 
@@ -41,39 +39,3 @@ class KeyValueBranch(Branch):
         """Extra keys and values (already scaled), from ``x (..., N, d_in)``, the tensor that
         feeds the attention's K/V projection."""
         raise NotImplementedError
-
-
-class PrefixBranch(KeyValueBranch):
-    """Prefix-tuning with the reparameterisation of Li & Liang (Eq. 5).
-
-    ``tokens``: ``(L, d)``, normal(0, 0.02) like ViT's position embeddings; ``down``:
-    ``d -> r``; ``up``: ``r -> d_k + d_v`` (PyTorch's default Linear init, both with bias).
-    Output ``P_k = up(act(down(P)))[:, :d_k]``, ``P_v = ...[:, d_k:]``.
-    """
-
-    kind = "prefix"
-    scriptable = True
-    placement: Placement = "prepend"
-
-    def __init__(self, d_in: int, d_key: int, d_value: int, config: PrefixConfig):
-        super().__init__()
-        self.activation = config.activation
-        self.d_key = d_key
-        self.tokens = nn.Parameter(torch.empty(config.length, d_in))
-        nn.init.normal_(self.tokens, std=0.02)
-        self.down = nn.Linear(d_in, config.d_bottle)
-        self.up = nn.Linear(config.d_bottle, d_key + d_value)
-
-    @property
-    def length(self) -> int:
-        return self.tokens.shape[0]
-
-    def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        self._mark_called()
-        kv = self.up(ACTIVATIONS[self.activation](self.down(self.tokens)))  # (L, d_k + d_v)
-        if plain_path(x) or kv.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
-            kv = kv.to(x.dtype)
-        return kv[:, : self.d_key], kv[:, self.d_key :]
-
-    def extra_repr(self) -> str:
-        return f"length={self.length}, activation={self.activation.value}"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..branches import PattBranch, ProjectionBranch
+from ..branches import ProjectionBranch
 from ..errors import InjectionError, MergeError
 from ..projection import BranchedLinear, SlotLayout
 from ..record import InjectionRecord
@@ -22,13 +22,24 @@ from ..record import InjectionRecord
 
 @dataclass(frozen=True)
 class ProjectionSpec:
-    """What branches need to know about an attention's projections."""
+    """How a handler describes one attention's q/k/v projections to the methods: the one
+    public structure a projection site is seen through.
+
+    ``calls`` groups the position letters by projection call (``("qkv",)`` for a fused qkv,
+    ``("q", "k", "v")`` for separate Linears, ``("q", "kv")`` for q + fused kv): a branch
+    covering several groups is read by that many projections per forward.
+    """
 
     d_in: int
     widths: dict[str, int]  # slot width per position letter
     bias: bool  # the backbone's q/k/v projections carry a bias
     device: torch.device
     dtype: torch.dtype
+    calls: tuple[str, ...] = ("qkv",)
+
+    def consumers(self, positions: str) -> int:
+        """How many projection calls per forward read a branch covering ``positions``."""
+        return max(1, sum(1 for letters in self.calls if set(letters) & set(positions)))
 
 
 class AttentionHandler(ABC):
@@ -87,19 +98,11 @@ class LinearProjections(AttentionHandler):
                 widths[c] = linear.out_features // len(layout.letters)
             has_bias = has_bias or linear.bias is not None
         first = getattr(module, self.linears(module)[0][0])
-        return ProjectionSpec(first.in_features, widths, has_bias, first.weight.device, first.weight.dtype)
+        calls = tuple(layout.letters for _, layout in self.linears(module))
+        return ProjectionSpec(first.in_features, widths, has_bias, first.weight.device, first.weight.dtype, calls)
 
     def wire(self, module: nn.Module, branches: list[ProjectionBranch], record: InjectionRecord) -> None:
-        consumers = {id(b): 0 for b in branches}
         for name, layout in self.linears(module):
             users = [b for b in branches if set(b.positions) & set(layout.letters)]
-            if not users:
-                continue
-            wrapped = BranchedLinear(getattr(module, name), layout)
-            record.swap_module(module, name, wrapped)
-            for branch in users:
-                wrapped.attach(branch)
-                consumers[id(branch)] += 1
-        for branch in branches:
-            if isinstance(branch, PattBranch):
-                branch.set_consumers(consumers[id(branch)])
+            if users:
+                record.swap_module(module, name, BranchedLinear(getattr(module, name), layout, users))

@@ -28,8 +28,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from ..branches import AdapterBranch
-from ..config import AdapterPlacement
+from ..branches import Branch
 from ..derived import Derived, derived_class
 from ..errors import InjectionError
 from ..record import InjectionRecord
@@ -41,7 +40,7 @@ LINK_ATTR = "_vpetl_mlp_link"
 class MlpInputLink:
     """Carries the MLP input from ``intermediate`` to ``output`` within one forward."""
 
-    def __init__(self, adapter: AdapterBranch) -> None:
+    def __init__(self, adapter: Branch) -> None:
         self.adapter = adapter  # a plain reference (the link is not a module): no extra keys
         self.pending: Tensor | None = None
 
@@ -96,9 +95,9 @@ class SplitMlpSite(MlpSite):
     intermediate: nn.Module | None = None
     output: nn.Module | None = None
 
-    def wire(self, adapter: AdapterBranch, record: InjectionRecord) -> None:
+    def wire(self, adapter: Branch, record: InjectionRecord) -> None:
         assert self.intermediate is not None and self.output is not None
-        if adapter.placement is AdapterPlacement.SEQUENTIAL:
+        if adapter.reads_output:
             raise InjectionError(
                 f"{self.path}: the sequential adapter reads the MLP's output, but {type(self.output).__name__} "
                 "returns it already summed with the residual, so vpetl cannot take it apart; use "

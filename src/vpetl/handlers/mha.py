@@ -81,7 +81,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import scripting
-from ..branches import AdapterBranch, PattBranch, ProjectionBranch
+from ..branches import Branch, ProjectionBranch
 from ..derived import Derived, derived_class
 from ..errors import InjectionError
 from ..projection import SlotLayout, project
@@ -428,7 +428,7 @@ class LayerFeedForwardSite(MlpSite):
     ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``: the adapter is registered
     on the layer as ``vpetl_adapter`` and added by the layer's ``_ff_block``."""
 
-    def wire(self, adapter: AdapterBranch, record: InjectionRecord) -> None:
+    def wire(self, adapter: Branch, record: InjectionRecord) -> None:
         record.add_module(self.module, "vpetl_adapter", adapter)
         _ensure_layer_class(self.module, record)
 
@@ -482,9 +482,6 @@ class MultiheadAttentionHandler(AttentionHandler):
     def wire(self, module: nn.Module, branches: list[ProjectionBranch], record: InjectionRecord) -> None:
         attn = _attention_of(module)
         check_supported(attn)
-        for branch in branches:
-            if isinstance(branch, PattBranch):
-                branch.set_consumers(1)  # each projection call reads its own input's h
         record.swap_class(attn, attention_class(type(attn)))
         record.set_attr(attn, BRANCHES_ATTR, tuple(branches))
         if module is not attn:

@@ -18,8 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import scripting
-from ..branches import AdapterBranch
-from ..config import AdapterPlacement
+from ..branches import Branch
 from ..derived import Derived, derived_class
 from ..record import InjectionRecord
 
@@ -65,7 +64,7 @@ class AdaptedForward(Derived):
     def __prepare_scriptable__(self) -> nn.Module:
         adapter = self._vpetl_adapter[0]
         tensors, ints = scripting.adapter_plan(adapter)
-        scripting.store_plan(self, tensors, [int(adapter.placement is AdapterPlacement.SEQUENTIAL), *ints])
+        scripting.store_plan(self, tensors, [int(adapter.reads_output), *ints])
         return self
 
 
@@ -103,7 +102,7 @@ class MlpSite:
     d_in: int
     d_out: int
 
-    def wire(self, adapter: AdapterBranch, record: InjectionRecord) -> None:
+    def wire(self, adapter: Branch, record: InjectionRecord) -> None:
         """Register ``adapter`` as ``<path>.vpetl_adapter`` and make forward add it."""
         raise NotImplementedError
 
@@ -114,7 +113,7 @@ class ChildMlpSite(MlpSite):
 
     mlp: nn.Module = None
 
-    def wire(self, adapter: AdapterBranch, record: InjectionRecord) -> None:
+    def wire(self, adapter: Branch, record: InjectionRecord) -> None:
         record.add_module(self.module, "vpetl_adapter", adapter)
         record.set_attr(self.mlp, "_vpetl_adapter", (adapter,))
         record.swap_class(self.mlp, adapted_class(type(self.mlp)))

@@ -353,9 +353,6 @@ class WindowAttentionHandler(AttentionHandler):
         """Swap ``module``'s class for its ``Vpetl...`` subclass and hand it ``branches``
         (each called once per forward on the windowed tokens; PATT computes ``h`` once)."""
         self._check(module)
-        for branch in branches:
-            if hasattr(branch, "set_consumers"):
-                branch.set_consumers(1)  # one fused projection reads the hidden h
         record.set_attr(module, BRANCHES_ATTR, tuple(branches))
         record.swap_class(module, branched_class(type(module)))
 

@@ -36,7 +36,7 @@ from types import ModuleType
 
 import torch
 
-from ..config import Kernel
+from ..options import Kernel
 from ..errors import ConfigError
 
 ENV_VAR = "VPETL_KERNEL"

@@ -36,16 +36,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from .branches import Branch
-from .config import PromptConfig
-from .errors import InjectionError
-from .record import InjectionRecord
+from ..branches import Branch
+from ..errors import InjectionError
+from ..options import flag, frozen_set, width
+from ..record import InjectionRecord
+from ..registry import Method, register
 from .tune import block_path_of
+
+if TYPE_CHECKING:
+    from ..inject import Injection
 
 PROMPT_NAME = "vpetl_prompt"
 HIDDEN_NAMES = ("hidden_states", "x", "src", "input", "tgt")  # keyword names of a block's token input
@@ -55,6 +60,37 @@ _ALTERNATIVES = (
 )
 
 Rebuild = Callable[[Tensor], tuple[tuple[Any, ...], dict[str, Any]]]
+
+
+@register
+@dataclass(frozen=True)
+class VPT(Method):
+    """Visual prompt tuning (module docs): ``length`` learned tokens after the CLS (prefix)
+    tokens; ``deep=False`` only before the first block, ``deep=True`` before every block (each
+    block's prompts replace the previous ones). Prompts are removed after the last block."""
+
+    name: ClassVar[str] = "vpt"
+    kind: ClassVar[str] = "prompt"
+    paper: ClassVar[str] = "VPT (Jia et al. 2022)"
+    formula: ClassVar[str] = "L*d shallow, L*d per block deep"
+    width_field: ClassVar[None] = None
+    why_not_mergeable: ClassVar[str] = "it adds tokens the base model does not have"
+
+    length: int = 10
+    deep: bool = False
+
+    def __post_init__(self) -> None:
+        width(self.length, "prompt length")
+        flag(self.deep, "prompt deep")
+
+    def attach(self, injection: "Injection") -> None:
+        """Prompt modules on the blocks (``<block>.vpetl_prompt``) and the hooks that splice them in."""
+        sites = injection.attention_sites()
+        for path, branch in add_prompts(injection.model, [s.path for s in sites], self, injection.record).items():
+            injection.adopt(path, injection.place(branch, next(branch.parameters())))
+
+
+PromptConfig = VPT  # the name before vpetl 0.2
 
 
 class PromptTokens(Branch):
@@ -147,7 +183,7 @@ class PromptTokens(Branch):
 
 
 def add_prompts(
-    model: nn.Module, attention_site_paths: list[str], config: PromptConfig, record: InjectionRecord
+    model: nn.Module, attention_site_paths: list[str], config: VPT, record: InjectionRecord
 ) -> dict[str, Branch]:
     """Register prompt modules on the blocks holding ``attention_site_paths`` and hook them
     into forward (see the module docstring); returns ``{path: prompt module}``."""

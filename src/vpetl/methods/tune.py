@@ -39,13 +39,46 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
-from .config import TunePosition
-from .errors import InjectionError
-from .handlers.mlp import locate_mlp
-from .inject import PROJECTION_CHILD_NAMES
+from ..errors import ConfigError, InjectionError
+from ..handlers.mlp import locate_mlp
+from ..handlers.sites import PROJECTION_CHILD_NAMES
+from ..options import enum_value, frozen_set
+from ..registry import BRANCH_MARKER, Method, register
+
+if TYPE_CHECKING:
+    from ..inject import Injection
+
+class TunePosition(str, Enum):
+    """Base parameters of every block that method ``"tune"`` unfreezes (Table 1 rows)."""
+
+    NORM1 = "norm1"  # LayerNorm 1, before attention
+    ATTN_PROJ = "attn_proj"  # attention output projection
+    ATTN_QKV = "attn_qkv"  # q/k/v projections
+    ATTN_SOFTMAX = "attn_softmax"  # relative-position bias table ("Attn, SoftMax")
+    NORM2 = "norm2"  # LayerNorm 2, before the MLP
+    MLP_FC1 = "mlp_fc1"
+    MLP_FC2 = "mlp_fc2"
+    DOWNSAMPLE = "downsample"  # patch merging between stages (Swin)
+
+
+def normalize_tune_positions(value: Any) -> tuple[TunePosition, ...]:
+    """One position or an iterable of them (enums or their names) as a sorted, de-duplicated tuple."""
+    items = [value] if isinstance(value, (str, TunePosition)) else value
+    accepted = ", ".join(repr(p.value) for p in TunePosition)
+    try:
+        items = list(items)
+    except TypeError:
+        raise ConfigError(f"tune positions must be a position or a list of them ({accepted}); got {value!r}.") from None
+    if not items:
+        raise ConfigError(f"tune positions must name at least one of {accepted}; got an empty list.")
+    out = {enum_value(TunePosition, item, "tune position") for item in items}
+    return tuple(p for p in TunePosition if p in out)
+
 
 NORM1_NAMES = ("norm1", "ln_1", "ln1", "norm_1", "layernorm_before", "input_layernorm", "attention_norm", "norm_attn")
 NORM2_NAMES = ("norm2", "ln_2", "ln2", "norm_2", "layernorm_after", "post_attention_layernorm", "ffn_norm", "norm_mlp")
@@ -57,7 +90,6 @@ QKV_PARAM_NAMES = frozenset({
 REL_POS_PARAM_NAMES = frozenset({"relative_position_bias_table", "rel_pos_h", "rel_pos_w", "rel_pos_t"})
 LOGIT_PARAM_NAMES = frozenset({"logit_scale"})  # inside attention only (CLIP has a root logit_scale)
 LOGIT_MODULE_NAMES = frozenset({"cpb_mlp"})
-BRANCH_MARKER = "vpetl_"
 
 Params = list[tuple[str, nn.Parameter]]
 
@@ -301,3 +333,35 @@ def _no_match_message(model: nn.Module, blocks: list[_Block], empty: list[TunePo
         f"Fix: drop {names} from positions (a plain ViT, for example, has no relative-position table for "
         "'attn_softmax' and no patch merging for 'downsample')."
     )
+
+
+@register
+@dataclass(frozen=True)
+class Tune(Method):
+    """Unfreeze the base parameters at ``positions`` (Table 1; module docs), e.g.
+    ``Tune(positions=("attn_qkv", "norm2"))``."""
+
+    name: ClassVar[str] = "tune"
+    kind: ClassVar[str] = "base"
+    paper: ClassVar[str] = "V-PETL Table 1 (tuning single positions)"
+    formula: ClassVar[str] = "the sizes of the chosen base parameters"
+    width_field: ClassVar[None] = None
+    adds_branches: ClassVar[bool] = False
+    mergeable: ClassVar[bool] = True  # the trained values are the base's own
+
+    positions: tuple[TunePosition, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.positions in ((), None, []):
+            raise ConfigError(
+                "method 'tune' needs positions=[...] naming what to unfreeze (Table 1): "
+                "norm1, attn_proj, attn_qkv, attn_softmax, norm2, mlp_fc1, mlp_fc2, downsample."
+            )
+        frozen_set(self, "positions", normalize_tune_positions(self.positions))
+
+    def attach(self, injection: "Injection") -> None:
+        sites = injection.attention_sites()
+        injection.train(tune_parameters(injection.model, [(s.path, s.module) for s in sites], self.positions))
+
+    def merge(self, record) -> None:
+        """Nothing to fold: the tuned values already are base parameters."""
