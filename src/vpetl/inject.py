@@ -19,7 +19,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ from torch import nn
 from . import branches as branch_protocol
 from .branches import Branch
 from .config import InjectConfig
+from .derived import derived_class
 from .errors import ConfigError, InjectionError, format_names
 from .handlers.base import ProjectionSpec
 from .handlers.mlp import MlpSite, locate_mlp
@@ -38,6 +39,9 @@ from .presets import OPTIONS, preset
 from .projection import BranchedLinear
 from .record import AWAITING_FIRST_FORWARD, InjectionRecord, get_record, set_record
 from .registry import Method
+
+if TYPE_CHECKING:
+    from .blocks import Block
 
 
 def inject(
@@ -161,6 +165,7 @@ class Injection:
         self._sites: list[AttentionSite] | None = None
         self._specs: dict[str, ProjectionSpec] = {}
         self._mlp_sites: list[MlpSite] | None = None
+        self._blocks: list[Block] | None = None
         self._projection: dict[str, list[Branch]] = {}
         self._extra_keys: dict[str, list[Branch]] = {}
 
@@ -244,6 +249,26 @@ class Injection:
         """Register ``branch`` on the block as ``vpetl_adapter``; the MLP's forward adds it."""
         site.wire(branch, self.record)
         self.adopt(_join(site.path, "vpetl_adapter"), branch)
+
+    def blocks(self) -> list["Block"]:
+        """The transformer blocks holding the attention sites, with their modules by role
+        (:mod:`vpetl.blocks`)."""
+        from .blocks import find_blocks
+
+        if self._blocks is None:
+            self._blocks = find_blocks(self.model, self.attention_sites())
+        return self._blocks
+
+    def derive(self, path: str, mixin: type, attr: str, branch: Branch) -> None:
+        """Give the module at ``path`` the class ``derived_class(mixin, type(module))`` and the
+        plain attribute ``attr = (branch,)`` (no new keys), undoably: the mixin's methods run
+        first and reach ``branch`` through ``self.<attr>[0]``. Several methods may derive the
+        same module; their mixins stack in attach order."""
+        module = self.model.get_submodule(path)
+        if hasattr(module, attr):
+            raise InjectionError(f"{path} ({type(module).__name__}) already has {attr}; one entry per method.")
+        self.record.set_attr(module, attr, (branch,))
+        self.record.swap_class(module, derived_class(mixin, type(module)))
 
     def train(self, params: Iterable[nn.Parameter]) -> None:
         """Unfreeze these base parameters (tune, bitfit, full)."""
