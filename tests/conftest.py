@@ -29,3 +29,23 @@ def images():
 
 # Options a method cannot go without (``tune`` must be told what to unfreeze).
 METHOD_OPTIONS = {"tune": {"positions": ["norm1", "attn_qkv"]}}
+
+
+def tiny_swin3d(num_classes: int = 5, seed: int = 0) -> torch.nn.Module:
+    """torchvision Video Swin (Swin3D) with 2 stages of 2 blocks, width 16/32, windows 2x4x4;
+    input ``(B, 3, 4, 32, 32)``."""
+    from torchvision.models.video.swin_transformer import SwinTransformer3d
+
+    torch.manual_seed(seed)
+    return SwinTransformer3d(patch_size=[2, 4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2],
+                             window_size=[2, 4, 4], num_classes=num_classes, stochastic_depth_prob=0.0)
+
+
+def tiny_hf_vit(num_classes: int = 10, seed: int = 0) -> torch.nn.Module:
+    """HF transformers ViTForImageClassification, 2 layers, width 32, 32x32 images in 8x8 patches."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=64, num_labels=num_classes)
+    return transformers.ViTForImageClassification(config).eval()
