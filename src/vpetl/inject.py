@@ -200,7 +200,8 @@ class Injection:
             for site in self.attention_sites():
                 mlp = locate_mlp(self.model, site.path)
                 if mlp is None:
-                    missing.append(f"{site.path} ({type(site.module).__name__})")
+                    if _has_mlp_like_child(self.model, site.path):
+                        missing.append(f"{site.path} ({type(site.module).__name__})")
                 elif mlp.path not in seen:
                     seen.add(mlp.path)
                     self._mlp_sites.append(mlp)
@@ -214,6 +215,12 @@ class Injection:
                 if self.strict or not self._mlp_sites:
                     raise InjectionError(message)
                 warnings.warn(message, stacklevel=5)
+            if not self._mlp_sites:
+                raise InjectionError(
+                    f"no block of this {type(self.model).__name__} has an MLP (a child named mlp/ffn/feed_forward "
+                    "made of nn.Linear layers, an HF intermediate/output pair, or linear1/linear2), so the adapter "
+                    "has nowhere to go. Use a method that adapts the attention (patt, lora, prefix)."
+                )
         return self._mlp_sites
 
     # ------------------------------------------------------------------ adding
@@ -289,6 +296,24 @@ class Injection:
             except InjectionError as error:
                 raise InjectionError(f"{site.path or '<root>'}: {error}") from error
             self.record.sites.append(site)
+
+
+_MLP_LIKE = ("mlp", "ffn", "feed_forward", "intermediate", "linear1")
+
+
+def _has_mlp_like_child(model: nn.Module, attention_path: str) -> bool:
+    """Whether the block holding this attention has something named like an MLP. A block with
+    attention but no MLP at all (timm CrossViT's fusion blocks) simply gets no adapter; one
+    whose MLP vpetl cannot read (a convolutional MLP) is reported."""
+    from .methods.tune import block_path_of
+
+    block_path = block_path_of(model, attention_path)
+    if block_path is None:
+        block_path = attention_path.rpartition(".")[0]
+    block = model.get_submodule(block_path)
+    if block_path == attention_path:
+        return True  # the site is a whole layer (nn.TransformerEncoderLayer): its feed-forward is inside
+    return any(any(key in name.lower() for key in _MLP_LIKE) for name in block._modules)
 
 
 def _find_sites(model: nn.Module, strict: bool) -> list[AttentionSite]:

@@ -1,4 +1,4 @@
-"""One small handler per attention shape (DESIGN.md §3), tried in order by the walker.
+"""One small handler per attention shape (fused qkv, separate q/k/v, MHA, window), tried in order by the walker.
 
 Order matters: modules that read their projection weights themselves (window attention,
 nn.MultiheadAttention) must be claimed before the generic fused/separate Linear handlers.

@@ -43,7 +43,7 @@ class ProjectionSpec:
 
 
 class AttentionHandler(ABC):
-    """One attention shape of DESIGN.md §3."""
+    """One attention shape: how a family of attention modules exposes its q/k/v projections."""
 
     name: str = "attention"
 

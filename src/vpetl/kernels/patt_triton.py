@@ -325,8 +325,9 @@ def _gemm_configs(a: str, b: str) -> list[triton.Config]:
 
 
 # (BM, BP) of the branch backward per BR and element size, from the register reports of
-# sm_90 and sm_80 (benchmarks/kernels_compile.py) with Triton 3.8 and 3.9: none of them spills
-# (fp32 r = 64 at (64, 32) spilled 24 B with Triton 3.8 on sm_90)
+# sm_90 and sm_80 (benchmarks/kernels_compile.py) with Triton 3.8 and 3.9: none of these tiles spills
+# in benchmarks/results/kernels_compile_sm*.md (fp32 r = 64 at (64, 32) spilled 24 B with Triton 3.8
+# on sm_90, hence (32, 32)); some autotune candidates of the other kernels do, see those reports
 _BWD_TILES = {
     2: {16: (128, 64), 32: (128, 64), 64: (128, 64), 128: (64, 64), 256: (32, 32)},  # fp16, bf16
     4: {16: (64, 32), 32: (32, 32), 64: (32, 32), 128: (32, 32), 256: (32, 32)},  # fp32: 2x the registers
