@@ -81,13 +81,11 @@ class PattProblem:
         return (q, k, v), tuple(self.grad.split(d, dim=1))
 
     def vpetl(self, kernel: Kernel):
-        self.branch.kernel = kernel
-        return (project(self.x, self.weight, self.bias, self.layout, [self.branch]),), (self.grad,)
+        return (project(self.x, self.weight, self.bias, self.layout, [self.branch], kernel),), (self.grad,)
 
     def generic(self):
         """The previous torch path: ``F.linear`` then ``addmm_`` into the K/V slice, differentiated
         by autograd (whose ``CopySlices`` clones the whole output gradient)."""
-        self.branch.kernel = Kernel.TORCH
         return (project_generic(self.x, self.weight, self.bias, self.layout, [self.branch]),), (self.grad,)
 
     def concat(self):
@@ -131,8 +129,7 @@ class AdapterProblem:
         return (self.mlp() + a.up(F.relu(a.down(self.x))) * a.scale,), (self.grad,)
 
     def vpetl(self, kernel: Kernel):
-        self.adapter.kernel = kernel
-        return (self.adapter.add_to(self.mlp(), self.x),), (self.grad,)
+        return (self.adapter.add_to(self.mlp(), self.x, kernel),), (self.grad,)
 
 
 # ----------------------------------------------------------------------------- timing

@@ -32,7 +32,7 @@ from vpetl.methods.patt import PattBranch
 from vpetl.config import AdapterConfig, Kernel, PattConfig
 from vpetl.errors import ConfigError
 from vpetl.kernels.reference import adapter_reference, patt_reference, slot_columns
-from vpetl.projection import SlotLayout, project, project_generic
+from vpetl.projection import BranchedLinear, SlotLayout, project, project_generic
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -43,7 +43,7 @@ LAYOUTS = [("qkv", 0, "kv"), ("qkv", 2, "kv"), ("kv", 0, "kv"), ("qkv", 0, "qv")
 
 def _problem(m, d, r, letters="qkv", heads=0, positions="kv", act="tanh", bias=True, dtype=torch.float64,
              device="cpu", scale=0.8, seed=0, consumers=1):
-    """x ``(m, d)``, frozen W/b, and a PATT branch (random up-projection) with kernel torch."""
+    """x ``(m, d)``, frozen W/b, and a PATT branch (random up-projection)."""
     gen = torch.Generator().manual_seed(seed)
     n_out = len(letters) * d
     x = torch.randn(m, d, generator=gen, dtype=torch.float64).to(device, dtype).requires_grad_()
@@ -54,7 +54,6 @@ def _problem(m, d, r, letters="qkv", heads=0, positions="kv", act="tanh", bias=T
                                                                 activation=act), bias=bias,
                          consumers=consumers)
     branch.to(device=device, dtype=dtype)
-    branch.kernel = Kernel.TORCH
     return x, weight, b, branch, SlotLayout(letters, heads)
 
 
@@ -75,11 +74,11 @@ def _reference(x, weight, b, branch, layout):
     return out, leaves
 
 
-def _check(x, weight, b, branch, layout, rtol, atol, x_shape=None):
-    """``project`` (whatever path ``branch.kernel`` selects) equals the reference: output and
+def _check(x, weight, b, branch, layout, rtol, atol, x_shape=None, kernel=Kernel.TORCH):
+    """``project`` (whatever path ``kernel`` selects) equals the reference: output and
     the gradients of x, W_down, b_down, W_up, b_up, for a random output gradient."""
     xin = x if x_shape is None else x.view(x_shape)
-    out = project(xin, weight, b, layout, [branch])
+    out = project(xin, weight, b, layout, [branch], kernel)
     assert out.dtype == x.dtype and out.shape == (*xin.shape[:-1], weight.shape[0])
     ref, leaves = _reference(x, weight, b, branch, layout)
     grad = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
@@ -212,11 +211,6 @@ def test_triton_kernels_in_interpreter_subprocess():
     assert " passed" in done.stdout and " failed" not in done.stdout
 
 
-def _triton(branch):
-    branch.kernel = Kernel.TRITON
-    return branch
-
-
 TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 # on a GPU fp32 may run in TF32 if the user allowed it; the tests keep torch's default (IEEE)
 
@@ -228,13 +222,13 @@ TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 )
 def test_triton_matches_reference(ops, m, letters, heads, positions, act, bias):
     x, w, b, branch, layout = _problem(m, 24, 6, letters, heads, positions, act, bias, torch.float32, DEVICE)
-    _check(x, w, b, _triton(branch), layout, rtol=TOL[torch.float32], atol=TOL[torch.float32])
+    _check(x, w, b, branch, layout, rtol=TOL[torch.float32], atol=TOL[torch.float32], kernel=Kernel.TRITON)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_half_precision(ops, dtype):
     x, w, b, branch, layout = _problem(19, 16, 8, dtype=dtype, device=DEVICE)
-    _check(x, w, b, _triton(branch), layout, rtol=TOL[dtype], atol=TOL[dtype])
+    _check(x, w, b, branch, layout, rtol=TOL[dtype], atol=TOL[dtype], kernel=Kernel.TRITON)
 
 
 @pytest.mark.skipif(not CUDA, reason="dtype sweep over realistic shapes needs a GPU")
@@ -242,13 +236,13 @@ def test_triton_half_precision(ops, dtype):
 @pytest.mark.parametrize("m,d,r", [(197 * 3, 768, 64), (1001, 128, 256), (49, 1024, 32)])
 def test_triton_gpu_shapes(ops, dtype, m, d, r):
     x, w, b, branch, layout = _problem(m, d, r, dtype=dtype, device="cuda")
-    _check(x, w, b, _triton(branch), layout, rtol=TOL[dtype] * 4, atol=TOL[dtype] * 4)
+    _check(x, w, b, branch, layout, rtol=TOL[dtype] * 4, atol=TOL[dtype] * 4, kernel=Kernel.TRITON)
 
 
 def test_triton_noncontiguous_3d_input_and_frozen_weight_grads(ops):
     x, w, b, branch, layout = _problem(12, 16, 4, dtype=torch.float32, device=DEVICE)
     wide = torch.randn(12, 40, device=DEVICE)[:, 5:21].requires_grad_()  # row stride 40
-    _check(wide, w, b, _triton(branch), layout, rtol=2e-5, atol=2e-5)
+    _check(wide, w, b, branch, layout, rtol=2e-5, atol=2e-5, kernel=Kernel.TRITON)
     w.requires_grad_(), b.requires_grad_()  # full fine-tuning + PATT: the base gets its gradients too
     out = project(x.view(3, 4, 16), w, b, layout, [branch])
     assert out.shape == (3, 4, 48)
@@ -263,13 +257,13 @@ def test_triton_unfused_weight_grads(ops, monkeypatch):
     """Deterministic algorithms (and ranks above FUSE_DW_MAX_RANK): dW_up by torch, no atomics."""
     monkeypatch.setattr(ops, "FUSE_DW_MAX_RANK", 0)
     x, w, b, branch, layout = _problem(21, 16, 5, "qkv", 2, "kv", dtype=torch.float32, device=DEVICE)
-    _check(x, w, b, _triton(branch), layout, rtol=2e-5, atol=2e-5)
+    _check(x, w, b, branch, layout, rtol=2e-5, atol=2e-5, kernel=Kernel.TRITON)
 
 
 def test_triton_zero_and_negative_scale(ops):
     for scale in (0.0, -1.5):
         x, w, b, branch, layout = _problem(9, 16, 4, dtype=torch.float32, device=DEVICE, scale=scale)
-        _check(x, w, b, _triton(branch), layout, rtol=2e-5, atol=2e-5)
+        _check(x, w, b, branch, layout, rtol=2e-5, atol=2e-5, kernel=Kernel.TRITON)
 
 
 @settings(max_examples=10, deadline=None)
@@ -283,7 +277,7 @@ def test_triton_property(m, d, r, layout, act, bias):
     if heads and d % heads:
         heads = 2
     x, w, b, branch, lay = _problem(m, d, r, letters, heads, positions, act, bias, torch.float32, DEVICE)
-    _check(x, w, b, _triton(branch), lay, rtol=3e-5, atol=3e-5)
+    _check(x, w, b, branch, lay, rtol=3e-5, atol=3e-5, kernel=Kernel.TRITON)
 
 
 @pytest.mark.parametrize("dtype,act,d_out", [(torch.float32, "relu", 16), (torch.float32, "gelu", 24),
@@ -293,10 +287,9 @@ def test_triton_adapter_matches_reference(ops, dtype, act, d_out):
     adapter = AdapterBranch(16, AdapterConfig(d_bottle=8, activation=act), d_out=d_out).to(DEVICE, dtype)
     for p in adapter.parameters():
         nn.init.normal_(p, std=0.3)
-    adapter.kernel = Kernel.TRITON
     out = torch.randn(2, 7, d_out, device=DEVICE, dtype=dtype, requires_grad=True)
     x = torch.randn(2, 7, 16, device=DEVICE, dtype=dtype, requires_grad=True)
-    y = adapter.add_to(out, x)
+    y = adapter.add_to(out, x, Kernel.TRITON)
     assert _op(y) == "AdapterAddBackward"
     leaves = [t.detach().double().requires_grad_() for t in (out, x, *adapter.parameters())]
     ref = adapter_reference(*leaves, adapter.scale, act)
@@ -354,9 +347,12 @@ def test_injected_model_triton_equals_torch(ops, monkeypatch, build, shape):
                                kernel="torch")
     triton_model = vpetl.inject(copy.deepcopy(base), "bapat" if build is _tiny_vit else "patt", d_bottle=8,
                                 kernel="triton", example_input=x)  # every branch is called
+    # the modules that run projections and adapters carry the injection's kernel, not the branches
+    chosen = [m.kernel if isinstance(m, BranchedLinear) else m.__dict__["_vpetl_kernel"]
+              for m in triton_model.modules() if isinstance(m, BranchedLinear) or "_vpetl_kernel" in m.__dict__]
+    assert chosen and set(chosen) == {Kernel.TRITON}
     for m in triton_model.modules():
         if isinstance(m, AdapterBranch):
-            assert m.kernel is Kernel.TRITON  # inject hands the configured kernel to adapters too
             nn.init.normal_(m.up.weight, std=0.1)
     for m in torch_model.modules():
         if isinstance(m, AdapterBranch):
@@ -383,8 +379,7 @@ def test_auto_takes_torch_on_cpu_tensors_even_when_triton_could_run(monkeypatch)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(kernels, "triton_ops", lambda: pytest.fail("auto must not use Triton on CPU tensors"))
     x, w, b, branch, layout = _problem(4, 8, 2, dtype=torch.float32)
-    branch.kernel = Kernel.AUTO
-    out = project(x, w, b, layout, [branch])
+    out = project(x, w, b, layout, [branch], Kernel.AUTO)
     assert _op(out) == "TorchPattProjectionBackward"
     assert kernels.use_triton("auto", "cpu") is False
     assert kernels.use_triton("auto", "cuda") is kernels._triton_importable()
@@ -396,11 +391,10 @@ def test_env_override(monkeypatch):
     assert kernels.configured(Kernel.TRITON) is Kernel.TORCH
     assert kernels.use_triton("triton", "cpu") is False  # the override wins over the config
     x, w, b, branch, layout = _problem(4, 8, 2, dtype=torch.float32)
-    branch.kernel = Kernel.TRITON
-    project(x, w, b, layout, [branch])
+    project(x, w, b, layout, [branch], Kernel.TRITON)
     monkeypatch.setenv("VPETL_KERNEL", "cuda")
     with pytest.raises(ConfigError, match="VPETL_KERNEL must be one of 'auto', 'torch', 'triton'; got 'cuda'"):
-        project(x, w, b, layout, [branch])
+        project(x, w, b, layout, [branch], Kernel.TRITON)
     monkeypatch.setenv("VPETL_KERNEL", " Auto ")
     assert kernels.configured("torch") is Kernel.AUTO
 
@@ -408,8 +402,7 @@ def test_env_override(monkeypatch):
 def test_env_override_to_triton_runs_the_kernels(ops, monkeypatch):
     monkeypatch.setenv("VPETL_KERNEL", "triton")
     x, w, b, branch, layout = _problem(4, 8, 2, dtype=torch.float32, device=DEVICE)
-    branch.kernel = Kernel.TORCH
-    assert _op(project(x, w, b, layout, [branch])) == "PattProjectionBackward"
+    assert _op(project(x, w, b, layout, [branch], Kernel.TORCH)) == "PattProjectionBackward"
 
 
 def test_forced_triton_where_it_cannot_run_raises(monkeypatch):
@@ -418,9 +411,8 @@ def test_forced_triton_where_it_cannot_run_raises(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("VPETL_KERNEL", raising=False)
     x, w, b, branch, layout = _problem(4, 8, 2, dtype=torch.float32)
-    branch.kernel = Kernel.TRITON
     with pytest.raises(ConfigError, match="kernel='triton' cannot run on cpu tensors"):
-        project(x, w, b, layout, [branch])
+        project(x, w, b, layout, [branch], Kernel.TRITON)
 
 
 def test_triton_available(monkeypatch):
@@ -434,13 +426,12 @@ def test_triton_available(monkeypatch):
 def test_triton_falls_back_without_error_where_kernels_do_not_apply(ops):
     # float64, separate K/V Linears, an empty batch: the torch paths answer, no error
     x, w, b, branch, layout = _problem(5, 8, 2, dtype=torch.float64, device=DEVICE)
-    assert _op(project(x, w, b, layout, [_triton(branch)])) == "TorchPattProjectionBackward"
+    assert _op(project(x, w, b, layout, [branch], Kernel.TRITON)) == "TorchPattProjectionBackward"
     x, w, b, branch, _ = _problem(5, 8, 2, "k", 0, "kv", dtype=torch.float32, device=DEVICE, consumers=2)
-    _triton(branch)
-    project(x, w, b, SlotLayout("k"), [branch])
-    project(x, w, b, SlotLayout("v"), [branch])
+    project(x, w, b, SlotLayout("k"), [branch], Kernel.TRITON)
+    project(x, w, b, SlotLayout("v"), [branch], Kernel.TRITON)
     x, w, b, branch, layout = _problem(5, 8, 2, dtype=torch.float32, device=DEVICE)
-    assert project(x[:0], w, b, layout, [_triton(branch)]).shape == (0, 24)
+    assert project(x[:0], w, b, layout, [branch], Kernel.TRITON).shape == (0, 24)
 
 
 def test_triton_auto_self_test_guards_the_fast_path(ops, monkeypatch):

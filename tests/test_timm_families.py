@@ -483,11 +483,12 @@ def test_strict_false_adapts_the_rest():
 
 def test_crossvit_cross_attention_is_adapted_not_skipped():
     """CrossViT's fusion blocks use wq/wk/wv Linears and have no MLP: PATT reaches them, and an
-    adapter method says so instead of silently skipping them."""
+    adapter method leaves them without an adapter (they have no MLP to sit beside)."""
     torch.manual_seed(0)
     model = timm.create_model("crossvit_tiny_240", pretrained=False, num_classes=5)
     images = torch.randn(1, 3, 240, 240)
     vpetl.inject(model, "patt", d_bottle=4, example_input=images)
     assert type(model.blocks[0].fusion[0].attn.wk).__name__ == "BranchedLinear"
-    with pytest.raises(vpetl.InjectionError, match=r"no MLP beside 6 attention.*fusion\.0\.attn \(CrossAttention\)"):
-        vpetl.inject(timm.create_model("crossvit_tiny_240", pretrained=False, num_classes=5), "bapat")
+    bapat = vpetl.inject(timm.create_model("crossvit_tiny_240", pretrained=False, num_classes=5), "bapat",
+                         d_bottle=4, example_input=images)  # every branch is called
+    assert "vpetl_patt" in bapat.blocks[0].fusion[0].attn._modules and "vpetl_adapter" not in bapat.blocks[0].fusion[0]._modules

@@ -20,8 +20,6 @@ from .config import (
     Tune,
     TunePosition,
 )
-from .methods.bitfit import BitFit
-from .methods.full import Full
 from .presets import METHODS, preset
 from .registry import REGISTRY, Method
 from .errors import (
@@ -43,9 +41,14 @@ from .summary import Summary, summary
 __version__ = "0.1.0"
 
 __all__ = [
-    "PATT", "VPT", "Adapter", "BitFit", "Full", "LoRA", "Method", "Prefix", "REGISTRY", "Tune",
+    "Method", "REGISTRY",
     "Activation", "AdapterConfig", "AdapterPlacement", "BaseWeightsWarning", "BranchDtype", "ConfigError", "DeltaFileError",
     "DeltaMismatchError", "ExportError", "InjectConfig", "InjectionError", "Kernel", "LoraConfig", "METHODS",
     "MergeError", "PattConfig", "PattVariant", "PrefixConfig", "PromptConfig", "Summary", "TunePosition", "VpetlError", "__version__", "delta_state_dict", "disabled", "inject",
     "load_delta", "merge", "preset", "save_delta", "summary", "unload", "verify",
 ]
+
+# Every registered method entry by its class name (vpetl.PATT, vpetl.SSF, vpetl.FactTK, ...): adding a
+# method is one file in vpetl/methods, with no line to add here.
+globals().update({cls.__name__: cls for cls in REGISTRY.values()})
+__all__ += sorted(cls.__name__ for cls in REGISTRY.values())

@@ -109,14 +109,18 @@ class OutputSlots:
         return self.layout.view(self.out2d, letters)
 
 
+KERNEL_ATTR = "_vpetl_kernel"  # the injection's kernel choice, on the modules that run projections
+
+
 def project(
-    x: Tensor, weight: Tensor, bias: Tensor | None, layout: SlotLayout, branches: list[ProjectionBranch]
+    x: Tensor, weight: Tensor, bias: Tensor | None, layout: SlotLayout, branches: list[ProjectionBranch],
+    kernel: Kernel = Kernel.AUTO,
 ) -> Tensor:
     """``x W^T + b`` plus every branch added into its slots; ``x`` is ``(..., d_in)``.
 
     One PATT branch whose positions all live in this projection (a fused qkv or kv Linear,
     ``nn.MultiheadAttention``'s in-projection, window attention) runs as one fused op: the
-    Triton kernels when the branch's kernel selects them (:mod:`vpetl.kernels`), otherwise
+    Triton kernels when ``kernel`` (the injection's choice) selects them (:mod:`vpetl.kernels`), otherwise
     :mod:`vpetl.kernels.torch_path`. Everything else (LoRA, separate K and V Linears sharing
     one ``h``, several branches) takes :func:`project_generic`; FX/TorchScript tracing and the
     ``meta`` device take :func:`project_plain` (see :mod:`vpetl.tracing`).
@@ -125,7 +129,7 @@ def project(
         return project_plain(x, weight, bias, layout, branches)
     x2d = x.reshape(-1, x.shape[-1])
     if len(branches) == 1 and branches[0].kind == "patt" and branches[0].fusable:
-        fused = _single_patt(x2d, weight, bias, layout, branches[0])
+        fused = _single_patt(x2d, weight, bias, layout, branches[0], kernel)
         if fused is not None:
             return fused.view(*x.shape[:-1], weight.shape[0])
     return project_generic(x, weight, bias, layout, branches)
@@ -160,11 +164,12 @@ def project_generic(
     return out2d.view(*x.shape[:-1], weight.shape[0])
 
 
-def _single_patt(x2d: Tensor, weight: Tensor, bias: Tensor | None, layout: SlotLayout, branch) -> Tensor | None:
+def _single_patt(x2d: Tensor, weight: Tensor, bias: Tensor | None, layout: SlotLayout, branch,
+                 kernel: Kernel) -> Tensor | None:
     """The fused PATT projection ``(M, N)``: Triton or torch per :func:`vpetl.kernels.use_triton`;
     None when this call is not one fused op (the generic path then runs)."""
     device_type = x2d.device.type
-    triton = kernels.use_triton(branch.kernel, device_type)  # first: "triton" where it cannot run raises
+    triton = kernels.use_triton(kernel, device_type)  # first: "triton" where it cannot run raises
     if branch._consumers != 1 or not set(branch.positions) <= set(layout.letters) or x2d.shape[0] == 0:
         return None  # e.g. separate K and V Linears sharing one h: project_generic caches h
     if kernels.hooked(branch.down, branch.up):
@@ -186,7 +191,7 @@ def _single_patt(x2d: Tensor, weight: Tensor, bias: Tensor | None, layout: SlotL
             dtype in ops.SUPPORTED_DTYPES
             and branch.down.weight.shape[0] <= ops.MAX_RANK
             and weight.shape[0] % (len(layout.letters) * max(layout.heads, 1)) == 0
-            and (kernels.configured(branch.kernel) is not Kernel.AUTO or _self_test(ops, x2d.device, dtype, act))
+            and (kernels.configured(kernel) is not Kernel.AUTO or _self_test(ops, x2d.device, dtype, act))
         )
     tensors = [None if t is None else t.to(dtype) for t in (x2d, weight, bias, *params)]
     branch._mark_called()
@@ -307,13 +312,15 @@ class BranchedLinear(nn.Linear):
 
     __jit_unused_properties__ = ["base"]  # torch.jit.script compiles properties unless told
 
-    def __init__(self, base: nn.Linear, layout: SlotLayout, branches: list[ProjectionBranch]):
+    def __init__(self, base: nn.Linear, layout: SlotLayout, branches: list[ProjectionBranch],
+                 kernel: Kernel = Kernel.AUTO):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.register_parameter("bias", base.bias)
         self.layout = layout
         self._branches: list[ProjectionBranch] = list(branches)
+        self.kernel = kernel
         object.__setattr__(self, "_base", base)  # not a submodule (keys stay): vpetl.unload restores it
 
     @property
@@ -328,7 +335,7 @@ class BranchedLinear(nn.Linear):
 
     @torch.jit.unused
     def _eager_forward(self, x: Tensor) -> Tensor:
-        return project(x, self.weight, self.bias, self.layout, self._branches)
+        return project(x, self.weight, self.bias, self.layout, self._branches, self.kernel)
 
     def __prepare_scriptable__(self) -> "BranchedLinear":
         """Called by ``torch.jit.script``: store the branches' plan (:mod:`vpetl.scripting`)."""

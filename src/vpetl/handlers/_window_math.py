@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..branches import ProjectionBranch
+from ..options import Kernel
 from ..projection import SlotLayout, project
 from ._extra_keys import extend_bias, extend_keys, extend_mask
 from ._window_script import pad_to_windows, partition, shift_mask, unpartition
@@ -61,6 +62,7 @@ def window_attention(
     shift: list[int],
     num_heads: int,
     branches: Sequence[ProjectionBranch] = (),
+    kernel: Kernel = Kernel.AUTO,
     extra_kv: Sequence[nn.Module] = (),
     logit_scale: Tensor | None = None,
     attention_dropout: float = 0.0,
@@ -96,7 +98,7 @@ def window_attention(
     count, tokens = windows.shape[0], windows.shape[1]
     head_dim = channels // num_heads
 
-    qkv = project(windows, qkv_weight, qkv_bias, QKV_LAYOUT, list(branches))  # (B*nW, N, 3C)
+    qkv = project(windows, qkv_weight, qkv_bias, QKV_LAYOUT, list(branches), kernel)  # (B*nW, N, 3C)
     q, k, v = qkv.view(count, tokens, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     layout = None
     if extra_kv:

@@ -105,4 +105,5 @@ class LinearProjections(AttentionHandler):
         for name, layout in self.linears(module):
             users = [b for b in branches if set(b.positions) & set(layout.letters)]
             if users:
-                record.swap_module(module, name, BranchedLinear(getattr(module, name), layout, users))
+                record.swap_module(module, name, BranchedLinear(getattr(module, name), layout, users,
+                                                                   record.config.kernel))

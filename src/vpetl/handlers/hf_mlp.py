@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from ..branches import Branch
 from ..derived import Derived, derived_class
 from ..errors import InjectionError
+from ..options import Kernel
 from ..record import InjectionRecord
 from .mlp import MLP_LOCATORS, MlpSite
 
@@ -40,8 +41,9 @@ LINK_ATTR = "_vpetl_mlp_link"
 class MlpInputLink:
     """Carries the MLP input from ``intermediate`` to ``output`` within one forward."""
 
-    def __init__(self, adapter: Branch) -> None:
+    def __init__(self, adapter: Branch, kernel: Kernel) -> None:
         self.adapter = adapter  # a plain reference (the link is not a module): no extra keys
+        self.kernel = kernel  # the injection's kernel choice
         self.pending: Tensor | None = None
 
     def put(self, x: Tensor) -> None:
@@ -77,7 +79,7 @@ class OutputForward(Derived):
     def forward(self, *args, **kwargs):
         out = super().forward(*args, **kwargs)
         link = self.__dict__[LINK_ATTR]
-        return link.adapter.add_to(out, link.take(self))
+        return link.adapter.add_to(out, link.take(self), link.kernel)
 
 
 def adapted_intermediate_class(cls: type) -> type:
@@ -104,7 +106,7 @@ class SplitMlpSite(MlpSite):
                 "placement='parallel' (the paper's default) on this model."
             )
         record.add_module(self.module, "vpetl_adapter", adapter)
-        link = MlpInputLink(adapter)
+        link = MlpInputLink(adapter, record.config.kernel)
         record.set_attr(self.intermediate, LINK_ATTR, link)
         record.set_attr(self.output, LINK_ATTR, link)
         record.swap_class(self.intermediate, adapted_intermediate_class(type(self.intermediate)))

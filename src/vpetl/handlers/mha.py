@@ -84,7 +84,8 @@ from .. import scripting
 from ..branches import Branch, ProjectionBranch
 from ..derived import Derived, derived_class
 from ..errors import InjectionError
-from ..projection import SlotLayout, project
+from ..options import Kernel
+from ..projection import KERNEL_ATTR, SlotLayout, project
 from ..record import InjectionRecord
 from ..tracing import raise_not_scriptable
 from ._attention_math import additive_mask, attend, causal_mask, merge_masks, renest, unnest
@@ -246,7 +247,8 @@ class _BranchedAttention(Derived):
             if bias is not None and len(letters) < 3:
                 bias = bias[rows]
             users = [b for b in branches if set(b.positions) & set(letters)]
-            projected = project(tensor, weight, bias, SlotLayout(letters), users)
+            projected = project(tensor, weight, bias, SlotLayout(letters), users,
+                                self.__dict__.get(KERNEL_ATTR, Kernel.AUTO))
             outputs.extend(projected.split(width, dim=-1))
         return outputs
 
@@ -357,7 +359,7 @@ class _AdaptedFeedForward(Derived):
     def _ff_block(self, x: Tensor) -> Tensor:
         out = super()._ff_block(x)
         adapter = self._modules.get("vpetl_adapter")
-        return out if adapter is None else adapter.add_to(out, x)
+        return out if adapter is None else adapter.add_to(out, x, self.__dict__.get(KERNEL_ATTR, Kernel.AUTO))
 
 
 class _RegularPathEncoderLayer:
@@ -430,6 +432,7 @@ class LayerFeedForwardSite(MlpSite):
 
     def wire(self, adapter: Branch, record: InjectionRecord) -> None:
         record.add_module(self.module, "vpetl_adapter", adapter)
+        record.set_attr(self.module, KERNEL_ATTR, record.config.kernel)
         _ensure_layer_class(self.module, record)
 
 
@@ -484,6 +487,7 @@ class MultiheadAttentionHandler(AttentionHandler):
         check_supported(attn)
         record.swap_class(attn, attention_class(type(attn)))
         record.set_attr(attn, BRANCHES_ATTR, tuple(branches))
+        record.set_attr(attn, KERNEL_ATTR, record.config.kernel)
         if module is not attn:
             _ensure_layer_class(module, record)
 

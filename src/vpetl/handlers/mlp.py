@@ -20,6 +20,8 @@ from torch import Tensor, nn
 from .. import scripting
 from ..branches import Branch
 from ..derived import Derived, derived_class
+from ..options import Kernel
+from ..projection import KERNEL_ATTR
 from ..record import InjectionRecord
 
 MLP_NAMES = ("mlp", "ffn", "feed_forward", "mlp_block")
@@ -32,7 +34,8 @@ class AdaptedForwardArgs(Derived):
     class_prefix = "Adapted"
 
     def forward(self, x, *args, **kwargs):
-        return self._vpetl_adapter[0].add_to(super().forward(x, *args, **kwargs), x)
+        kernel = self.__dict__.get(KERNEL_ATTR, Kernel.AUTO)
+        return self._vpetl_adapter[0].add_to(super().forward(x, *args, **kwargs), x, kernel)
 
 
 class AdaptedForward(Derived):
@@ -59,7 +62,7 @@ class AdaptedForward(Derived):
 
     @torch.jit.unused
     def _vpetl_eager_forward(self, x: Tensor) -> Tensor:
-        return self._vpetl_adapter[0].add_to(super().forward(x), x)
+        return self._vpetl_adapter[0].add_to(super().forward(x), x, self.__dict__.get(KERNEL_ATTR, Kernel.AUTO))
 
     def __prepare_scriptable__(self) -> nn.Module:
         adapter = self._vpetl_adapter[0]
@@ -116,6 +119,7 @@ class ChildMlpSite(MlpSite):
     def wire(self, adapter: Branch, record: InjectionRecord) -> None:
         record.add_module(self.module, "vpetl_adapter", adapter)
         record.set_attr(self.mlp, "_vpetl_adapter", (adapter,))
+        record.set_attr(self.mlp, KERNEL_ATTR, record.config.kernel)
         record.swap_class(self.mlp, adapted_class(type(self.mlp)))
 
 

@@ -52,6 +52,8 @@ from torch import Tensor, nn
 
 from .. import scripting
 from ..branches import ProjectionBranch
+from ..options import Kernel
+from ..projection import KERNEL_ATTR
 from ..derived import Derived, derived_class
 from ..errors import InjectionError
 from ..record import InjectionRecord
@@ -252,6 +254,7 @@ def window_forward(self: nn.Module, x: Tensor) -> Tensor:
         shift=shift,
         num_heads=self.num_heads,
         branches=self.__dict__.get(BRANCHES_ATTR, ()),
+        kernel=self.__dict__.get(KERNEL_ATTR, Kernel.AUTO),
         extra_kv=self.__dict__.get(EXTRA_KV_ATTR, ()),
         logit_scale=self.logit_scale if variant.cosine else None,
         attention_dropout=self.attention_dropout,
@@ -354,6 +357,7 @@ class WindowAttentionHandler(AttentionHandler):
         (each called once per forward on the windowed tokens; PATT computes ``h`` once)."""
         self._check(module)
         record.set_attr(module, BRANCHES_ATTR, tuple(branches))
+        record.set_attr(module, KERNEL_ATTR, record.config.kernel)
         record.swap_class(module, branched_class(type(module)))
 
     def wire_extra_keys(self, module: nn.Module, branches: list, record: InjectionRecord) -> None:

@@ -67,7 +67,7 @@ class Adapter(Method):
         """One :class:`AdapterBranch` per block with an MLP, as ``<block>.vpetl_adapter``."""
         for site in injection.mlp_sites():
             ref = next(site.module.parameters())
-            adapter = AdapterBranch(site.d_in, self, site.d_out, kernel=injection.kernel)
+            adapter = AdapterBranch(site.d_in, self, site.d_out)
             injection.add_mlp_branch(site, injection.place(adapter, ref))
 
 
@@ -77,7 +77,7 @@ class AdapterBranch(Branch):
     kind = "adapter"
     scriptable = True
 
-    def __init__(self, d_in: int, config: Adapter, d_out: int | None = None, kernel: Kernel = Kernel.AUTO):
+    def __init__(self, d_in: int, config: Adapter, d_out: int | None = None):
         super().__init__()
         self.scale = config.scale
         self.placement = config.placement
@@ -89,7 +89,6 @@ class AdapterBranch(Branch):
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
-        self.kernel = kernel  # "triton" runs the fused Triton adapter; "auto" keeps torch for now
 
     @property
     def reads_output(self) -> bool:
@@ -104,7 +103,7 @@ class AdapterBranch(Branch):
         self._mark_called()
         return self.up(ACTIVATIONS[self.activation](self.down(self._input(x, self.down.weight)))) * self.scale_value()
 
-    def add_to(self, out: Tensor, x: Tensor) -> Tensor:
+    def add_to(self, out: Tensor, x: Tensor, kernel: Kernel = Kernel.AUTO) -> Tensor:
         """``out + s * up(act(down(x)))`` with the scale and sum fused into one ``addmm``.
 
         ``x`` is the MLP's input; with sequential placement the adapter reads ``out``, the
@@ -118,7 +117,7 @@ class AdapterBranch(Branch):
         if self.learned_scale is not None:
             h = ACTIVATIONS[self.activation](self.down(self._input(x, self.down.weight)))
             return out + (self.up(h) * self.learned_scale).to(out.dtype)
-        fused = self._fused_add(out, x)
+        fused = self._fused_add(out, x, kernel)
         if fused is not None:
             return fused
         h = ACTIVATIONS[self.activation](self.down(self._input(x, self.down.weight)))
@@ -133,11 +132,11 @@ class AdapterBranch(Branch):
             summed = flat.addmm_(h2d, up_w, alpha=self.scale)
         return summed.add_(up_b, alpha=self.scale).view(out.shape)
 
-    def _fused_add(self, out: Tensor, x: Tensor) -> Tensor | None:
+    def _fused_add(self, out: Tensor, x: Tensor, kernel: Kernel) -> Tensor | None:
         """The Triton adapter (:func:`vpetl.kernels.patt_triton.adapter_add`) when the kernel
         asks for it explicitly and covers the call; None: the torch path."""
         device_type = out.device.type
-        if not kernels.use_triton(self.kernel, device_type, auto=False) or out.numel() == 0:
+        if not kernels.use_triton(kernel, device_type, auto=False) or out.numel() == 0:
             return None
         if kernels.hooked(self.down, self.up):
             return None  # module hooks on down/up must fire: the fused op does not call them

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..branches import ACTIVATIONS, ProjectionBranch, _add_product_
 from ..errors import ConfigError
-from ..options import Activation, Kernel, enum_value, flag, frozen_set, normalize_positions, number, width
+from ..options import Activation, enum_value, flag, frozen_set, normalize_positions, number, width
 from ..registry import Method, register
 from ..tracing import plain_path
 
@@ -113,8 +113,7 @@ class PATT(Method):
             spec = injection.projection_spec(site, self.positions, "PATT")
             widths = {c: spec.widths[c] for c in self.positions}
             bias = spec.bias if self.bias is None else self.bias
-            branch = PattBranch(spec.d_in, widths, self, bias=bias, consumers=spec.consumers(self.positions),
-                                 kernel=injection.kernel)
+            branch = PattBranch(spec.d_in, widths, self, bias=bias, consumers=spec.consumers(self.positions))
             if self.variant is PattVariant.CONCAT:
                 injection.add_extra_keys(site, "vpetl_patt", branch)
             else:
@@ -133,8 +132,7 @@ class PattBranch(ProjectionBranch):
     scriptable = True
     placement = "append"  # where the ``concat`` variant's keys go (see vpetl.token_branches)
 
-    def __init__(self, d_in: int, widths: Mapping[str, int], config: PATT, bias: bool, consumers: int = 1,
-                 kernel: Kernel = Kernel.AUTO):
+    def __init__(self, d_in: int, widths: Mapping[str, int], config: PATT, bias: bool, consumers: int = 1):
         super().__init__()
         self.positions = config.positions
         self.variant = config.variant
@@ -144,7 +142,6 @@ class PattBranch(ProjectionBranch):
         else:
             self.learned_scale = None
         self.activation = config.activation
-        self.kernel = kernel  # the injection's kernel choice (InjectConfig.kernel)
         if config.variant is PattVariant.NO_INPUT:  # P stands in for Z^{l-1}; init like a position embedding
             self.tokens = nn.Parameter(torch.empty(config.tokens, d_in))
             nn.init.normal_(self.tokens, std=0.02)
