@@ -32,7 +32,17 @@ def expected_trainable(method: str, base: set[str]) -> set[str]:
     adapter = _names("blocks.{}.vpetl_adapter", PATT_LEAVES)
     lora = _names("blocks.{}.attn.vpetl_lora", ["q.down.weight", "q.up.weight", "v.down.weight", "v.up.weight"])
     prefix = _names("blocks.{}.attn.vpetl_prefix", ["tokens", *PATT_LEAVES])
+    adapter_plus = _names("blocks.{}.vpetl_adapter_plus", [*PATT_LEAVES, "scale"])
+    houlsby = _names("blocks.{}.vpetl_houlsby", [f"{s}.{leaf}" for s in ("attn", "mlp") for leaf in PATT_LEAVES])
+    pfeiffer = _names("blocks.{}.vpetl_pfeiffer", ["norm.weight", "norm.bias", *PATT_LEAVES])
+    fact_tt = ({"vpetl_fact.u.weight", "vpetl_fact.v.weight"} | _names("blocks.{}.attn.vpetl_fact", ["t_q", "t_k", "t_v"])
+               | _names("blocks.{}", ["attn.proj.vpetl_fact.t", "mlp.fc1.vpetl_fact.t", "mlp.fc2.vpetl_fact.t"]))
     return {
+        "adapter_plus": adapter_plus | HEAD,
+        "houlsby": houlsby | HEAD,
+        "pfeiffer": pfeiffer | HEAD,
+        "fact_tt": fact_tt | HEAD,
+        "fact_tk": {"vpetl_fact.u.weight", "vpetl_fact.v.weight", "vpetl_fact.c", "vpetl_fact.p"} | HEAD,
         "prefix": prefix | HEAD,
         "vpt": {"blocks.0.vpetl_prompt.tokens"} | HEAD,
         "tune": _names("blocks.{}.norm1", ["weight", "bias"]) | _names("blocks.{}.attn.qkv", ["weight", "bias"]) | HEAD,
