@@ -62,7 +62,10 @@ RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-LABELS = {"linear": "Linear probe", "lora": "LoRA", "adapter": "AdaptFormer", "patt": "PATT", "bapat": "BAPAT"}
+LABELS = {"linear": "Linear probe", "lora": "LoRA", "adapter": "AdaptFormer", "patt": "PATT", "bapat": "BAPAT",
+          "ssf": "SSF", "fact_tt": "FacT-TT", "fact_tk": "FacT-TK", "adapter_plus": "Adapter+", "houlsby": "Houlsby",
+          "pfeiffer": "Pfeiffer", "repadapter": "RepAdapter", "convpass": "Convpass", "dora": "DoRA",
+          "prefix": "Prefix", "vpt": "VPT", "bitfit": "BitFit", "full": "Full fine-tuning"}  # any other: its name
 DEFAULT_METHODS = "linear,lora-16,adapter-64,patt-64,bapat-64"
 Z95 = 1.959963984540054
 
@@ -177,10 +180,11 @@ class Method:
     @classmethod
     def parse(cls, spec: str) -> Method:
         name, _, width = spec.strip().partition("-")
-        if name not in LABELS:
-            raise argparse.ArgumentTypeError(f"unknown method {spec!r}; choose from {sorted(LABELS)} (e.g. bapat-64)")
-        if name == "linear" and width:
-            raise argparse.ArgumentTypeError("the linear probe has no width")
+        if name not in vpetl.METHODS:
+            raise argparse.ArgumentTypeError(
+                f"unknown method {spec!r}; choose from {', '.join(vpetl.METHODS)} (e.g. bapat-64)")
+        if width and name not in vpetl.presets.OPTIONS["d_bottle"]:
+            raise argparse.ArgumentTypeError(f"method {name!r} has no width (d_bottle); write just {name!r}")
         return cls(name, int(width) if width else None)
 
     @property
@@ -189,7 +193,8 @@ class Method:
 
     @property
     def label(self) -> str:
-        return LABELS[self.name] if self.width is None else f"{LABELS[self.name]}-{self.width}"
+        label = LABELS.get(self.name, self.name)
+        return label if self.width is None else f"{label}-{self.width}"
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,12 @@ def expected_trainable(method: str, base: set[str]) -> set[str]:
     pfeiffer = _names("blocks.{}.vpetl_pfeiffer", ["norm.weight", "norm.bias", *PATT_LEAVES])
     fact_tt = ({"vpetl_fact.u.weight", "vpetl_fact.v.weight"} | _names("blocks.{}.attn.vpetl_fact", ["t_q", "t_k", "t_v"])
                | _names("blocks.{}", ["attn.proj.vpetl_fact.t", "mlp.fc1.vpetl_fact.t", "mlp.fc2.vpetl_fact.t"]))
+    repadapter = _names("blocks.{}.vpetl_repadapter", [f"{r}.{leaf}" for r in ("attn", "mlp") for leaf in PATT_LEAVES])
+    convpass = _names("blocks.{}.vpetl_convpass", [f"{r}.{m}.{p}" for r in ("attn", "mlp")
+                                                   for m in ("down", "conv", "up") for p in ("weight", "bias")])
     return {
+        "repadapter": repadapter | HEAD,
+        "convpass": convpass | HEAD,
         "adapter_plus": adapter_plus | HEAD,
         "houlsby": houlsby | HEAD,
         "pfeiffer": pfeiffer | HEAD,
