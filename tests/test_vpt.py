@@ -251,3 +251,35 @@ def test_a_mask_passed_to_the_blocks_is_refused_at_forward(x):
     n = 17
     with pytest.raises(vpetl.InjectionError, match=r"blocks\.0 \(Block\) also received a tensor.*cannot extend"):
         model.forward_features(x, attn_mask=torch.zeros(n, n))
+
+
+def test_vpt_defaults_match_its_paper_on_vit_b():
+    """VPT-Shallow on ViT-B/16: prompts uniform in +-sqrt(6 / (3 * 16^2 + 768)) = +-0.0625, inserted
+    right after the CLS token, no dropout by default, 768 * L parameters (9,216 * L deep)."""
+    model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
+    torch.manual_seed(0)
+    vpetl.inject(model, "vpt", length=50)
+    tokens = model.blocks[0].vpetl_prompt.tokens
+    assert tokens.shape == (50, 768) and vpetl.VPT().dropout == 0.0
+    assert 0.0625 * 0.95 < tokens.abs().max().item() <= 0.0625
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 768 * 50
+    deep = vpetl.inject(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0), "vpt",
+                        length=2, deep=True)
+    assert sum(p.numel() for p in deep.parameters() if p.requires_grad) == 9_216 * 2
+
+
+def test_prompt_dropout_acts_in_training_only(x):
+    model = vpetl.inject(tiny_vit(), vpetl.VPT(length=4, dropout=0.5))
+    prompt = model.blocks[0].vpetl_prompt
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0][:, 1:5].clone()))
+    model.train()(x)
+    model.eval()(x)
+    train_prompts, eval_prompts = seen[-2], seen[-1]
+    torch.testing.assert_close(eval_prompts, prompt.tokens.expand_as(eval_prompts).detach())
+    zeroed = (train_prompts == 0).float().mean().item()
+    assert 0.3 < zeroed < 0.7  # about half dropped, the rest scaled by 2
+    kept = train_prompts != 0
+    torch.testing.assert_close(train_prompts[kept], (2 * prompt.tokens.expand_as(train_prompts))[kept].detach())
+    with pytest.raises(vpetl.ConfigError, match=r"prompt dropout must be in \[0, 1\)"):
+        vpetl.VPT(dropout=1.5)

@@ -14,8 +14,10 @@ distillation, register tokens; ``z``: the ``N - p`` patch tokens; ``x`` is ``(B,
 Prompts are parameters ``<block>.vpetl_prompt.tokens`` (``blocks.0.vpetl_prompt.tokens`` for
 shallow, one per block for deep), initialised as VPT does: uniform in ``[-b, b]`` with
 ``b = sqrt(6 / (fan_in + d))``, ``fan_in = C * prod(patch size)`` of the patch embedding (the
-first Conv2d / Conv3d with ``d`` output channels; ``d`` when there is none). No prompt dropout
-and no prompt projection (VPT's optional extras).
+first Conv2d / Conv3d with ``d`` output channels; ``d`` when there is none): for ViT-B/16
+``b = sqrt(6 / (3 * 16 * 16 + 768)) = 0.0625``, VPT's value. Prompts get no position embedding
+(they join after the embedding, as in VPT). Prompt dropout is the ``dropout`` option (0 by
+default, as VPT's configs); VPT's optional prompt projection is not implemented.
 
 The tokens are spliced in by forward pre-hooks on the blocks and cut out by a forward hook
 on the last block; the hooks are bound methods of the prompt modules and logged in the
@@ -44,7 +46,7 @@ from torch import Tensor, nn
 
 from ..branches import Branch
 from ..errors import InjectionError
-from ..options import flag, frozen_set, width
+from ..options import flag, frozen_set, probability, width
 from ..record import InjectionRecord
 from ..registry import Method, register
 from .tune import block_path_of
@@ -67,7 +69,9 @@ Rebuild = Callable[[Tensor], tuple[tuple[Any, ...], dict[str, Any]]]
 class VPT(Method):
     """Visual prompt tuning (module docs): ``length`` learned tokens after the CLS (prefix)
     tokens; ``deep=False`` only before the first block, ``deep=True`` before every block (each
-    block's prompts replace the previous ones). Prompts are removed after the last block."""
+    block's prompts replace the previous ones). Prompts are removed after the last block.
+    ``dropout`` is VPT's prompt dropout (its configs: 0.0 by default, 0.1 in some VTAB runs),
+    applied to the prompts in training."""
 
     name: ClassVar[str] = "vpt"
     kind: ClassVar[str] = "prompt"
@@ -78,10 +82,12 @@ class VPT(Method):
 
     length: int = 10
     deep: bool = False
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         width(self.length, "prompt length")
         flag(self.deep, "prompt deep")
+        frozen_set(self, "dropout", probability(self.dropout, "prompt dropout"))
 
     def attach(self, injection: "Injection") -> None:
         """Prompt modules on the blocks (``<block>.vpetl_prompt``) and the hooks that splice them in."""
@@ -104,8 +110,10 @@ class PromptTokens(Branch):
 
     kind = "prompt"
 
-    def __init__(self, length: int, width: int, prefix: int, fan_in: int, *, replace: bool, where: str = "") -> None:
+    def __init__(self, length: int, width: int, prefix: int, fan_in: int, *, replace: bool, where: str = "",
+                 dropout: float = 0.0) -> None:
         super().__init__()
+        self.dropout = nn.Dropout(dropout)
         self.tokens = nn.Parameter(torch.empty(length, width))
         bound = math.sqrt(6.0 / (fan_in + width))
         nn.init.uniform_(self.tokens, -bound, bound)
@@ -123,7 +131,7 @@ class PromptTokens(Branch):
         need = p + L if self.replace else p
         self._check(block, x, need)
         self._mark_called()
-        prompts = self.tokens.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+        prompts = self.dropout(self.tokens.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1))
         rest = x[:, p + L :] if self.replace else x[:, p:]
         return rebuild(torch.cat([x[:, :p], prompts, rest], dim=1))
 
@@ -208,7 +216,8 @@ def add_prompts(
     prompts: list[PromptTokens] = []
     for index, (block_path, _) in enumerate(prompted):
         block = model.get_submodule(block_path)
-        prompt = PromptTokens(config.length, width, prefix, fan_in, replace=index > 0, where=block_path or "<root>")
+        prompt = PromptTokens(config.length, width, prefix, fan_in, replace=index > 0, where=block_path or "<root>",
+                              dropout=config.dropout)
         prompt.to(device=ref.device, dtype=ref.dtype)
         record.add_module(block, PROMPT_NAME, prompt)
         record.add_hook(block, prompt.insert, pre=True, with_kwargs=True)
