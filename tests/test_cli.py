@@ -187,3 +187,14 @@ def test_help_lists_commands(capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert all(c in out for c in ("params", "targets", "inspect"))
+
+
+def test_methods_lists_every_registered_method(capsys):
+    assert main(["methods", "--json"]) == 0
+    rows = {row["method"]: row for row in json.loads(capsys.readouterr().out)}
+    assert list(rows) == list(vpetl.METHODS)
+    assert rows["bapat"]["options"]["d_bottle"] == 128 and not rows["bapat"]["mergeable"]
+    assert rows["lora"]["mergeable"] and rows["lora"]["options"]["d_bottle"] == 16
+    assert main(["methods"]) == 0
+    text = capsys.readouterr().out
+    assert all(name in text for name in vpetl.METHODS) and "merges exactly" in text

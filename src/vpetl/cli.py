@@ -474,7 +474,55 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--tensors", action="store_true", help="also list every tensor (name, dtype, shape)")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     inspect.set_defaults(func=cmd_inspect)
+
+    methods = sub.add_parser(
+        "methods", help="the registered methods: paper, parameter count, options, merge",
+        description="Every method vpetl registers (one file each in vpetl/methods) and the presets built from "
+                    "them: where it comes from, its parameter count, its options with their defaults, and "
+                    "whether vpetl.merge folds it into the base weights.",
+    )
+    methods.add_argument("--json", action="store_true", help="print JSON instead of text")
+    methods.set_defaults(func=cmd_methods)
     return parser
+
+
+def method_rows() -> list[dict[str, Any]]:
+    """One row per preset: its entries' paper, count formula, options (defaults) and mergeability."""
+    import dataclasses
+
+    from .presets import PRESETS
+
+    rows = []
+    for name, preset_ in PRESETS.items():
+        entries = preset_.entries
+        options = {}
+        for cls in entries:
+            for f in dataclasses.fields(cls):
+                key = "d_bottle" if f.name == cls.width_field else f.name
+                default = f.default if f.default is not dataclasses.MISSING else None
+                options.setdefault(key, getattr(default, "value", default))
+        rows.append({
+            "method": name,
+            "paper": preset_.summary,
+            "count": "; ".join(cls.formula for cls in entries) or "the head only",
+            "options": options,
+            "mergeable": all(cls.mergeable for cls in entries),
+        })
+    return rows
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    rows = method_rows()
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    for row in rows:
+        merge = "merges exactly" if row["mergeable"] else "not mergeable"
+        print(f"{row['method']:<13} {row['paper']}  [{merge}]")
+        print(f"{'':<13} count: {row['count']}")
+        if row["options"]:
+            print(f"{'':<13} options: " + ", ".join(f"{k}={v!r}" for k, v in row["options"].items()))
+    return 0
 
 
 def _version() -> str:
