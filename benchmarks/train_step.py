@@ -1,8 +1,9 @@
 """Training cost of PETL methods side by side with full fine-tuning and PEFT's LoRA.
 
 For each method (full fine-tuning, linear probe, BitFit, PEFT LoRA-16 on the fused qkv,
-vpetl LoRA-16 on Q,V, AdaptFormer-64, PATT-r and BAPAT-r for r = 32/64/128/256) and each
-model it measures, in one run:
+vpetl LoRA-16 on Q,V, AdaptFormer-64, PATT-r and BAPAT-r for r = 32/64/128/256, and SSF,
+FacT-TT-8, FacT-TK-32, Adapter+-8, Houlsby-8, Pfeiffer-8, RepAdapter-8, Convpass-8, DoRA-8)
+and each model it measures, in one run:
 
 * training step time (forward + cross-entropy + backward + AdamW step) relative to full
   fine-tuning: every repetition runs one step of every method in a rotating order, and the
@@ -18,7 +19,8 @@ model it measures, in one run:
   the peak resident set size (Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` after
   the model, optimizer and inputs are built) minus the resident size at that point, i.e. the
   memory the step adds: gradients, AdamW state, saved activations and temporaries;
-* inference latency relative to the un-injected base model (eval, ``inference_mode``);
+* inference latency relative to the un-injected base model (eval, ``inference_mode``), and for
+  the methods that merge exactly, again after ``vpetl.merge`` (which should cost the base's);
 * trainable parameters, the size of the saved delta file against the full checkpoint, and
   the time of ``vpetl.inject`` / ``vpetl.load_delta`` (PEFT: ``get_peft_model`` /
   ``PeftModel.from_pretrained``; its delta is ``adapter_model.safetensors`` + config).
@@ -100,7 +102,14 @@ class Method:
     @property
     def has_branches(self) -> bool:
         """False when the forward graph is the base model's (full, linear, bitfit)."""
-        return self.peft_rank is not None or self.vpetl in ("lora", "adapter", "patt", "bapat")
+        return self.peft_rank is not None or (
+            self.vpetl is not None and any(e.adds_branches for e in vpetl.presets.PRESETS[self.vpetl].entries))
+
+    @property
+    def merges(self) -> bool:
+        """True when ``vpetl.merge`` folds every branch into the base weights (LoRA, SSF, FacT, ...)."""
+        entries = vpetl.presets.PRESETS[self.vpetl].entries if self.vpetl is not None else ()
+        return self.has_branches and self.peft_rank is None and all(e.mergeable for e in entries)
 
 
 METHODS: tuple[Method, ...] = (
@@ -112,6 +121,16 @@ METHODS: tuple[Method, ...] = (
     Method("adapter-64", "adapter", 64),
     *(Method(f"patt-{r}", "patt", r) for r in WIDTHS),
     *(Method(f"bapat-{r}", "bapat", r) for r in WIDTHS),
+    # the methods the vision PETL benchmarks compare, at their papers' defaults
+    Method("ssf", "ssf"),
+    Method("fact_tt-8", "fact_tt", 8),
+    Method("fact_tk-32", "fact_tk", 32),
+    Method("adapter_plus-8", "adapter_plus", 8),
+    Method("houlsby-8", "houlsby", 8),
+    Method("pfeiffer-8", "pfeiffer", 8),
+    Method("repadapter-8", "repadapter", 8),
+    Method("convpass-8", "convpass", 8),
+    Method("dora-8", "dora", 8),
 )
 METHOD_BY_LABEL = {m.label: m for m in METHODS}
 
@@ -543,10 +562,16 @@ def run_model(spec: ModelSpec, methods: list[Method], args: argparse.Namespace, 
     base = spec.build().to(args.device).train()
     x, y = spec.inputs(args.device)
 
-    # 1. which methods can run at all (PEFT cannot reach torchvision's window attention)
+    # 1. which methods can run at all (PEFT cannot reach torchvision's window attention; Convpass and
+    #    FacT need a plain ViT)
     models: dict[str, nn.Module] = {}
     for method in methods:
-        model = build_method(base, method).train()
+        try:
+            model = build_method(base, method).train()
+        except vpetl.InjectionError as error:
+            result["skipped"].append({"method": method.label, "reason": str(error).split(". ")[0]})
+            bar.total -= _units(method, args)
+            continue
         if method.peft_rank is not None:
             reason = unreached_lora(model, x, y, args.device, args.amp)
             if reason:
@@ -583,6 +608,9 @@ def run_model(spec: ModelSpec, methods: list[Method], args: argparse.Namespace, 
     # 5. interleaved inference (the base, then every method whose forward differs from it)
     bar.set_description(f"{spec.name}: inference")
     infer_models = {"base": base, **{m.label: models[m.label] for m in active if m.has_branches}}
+    for m in active:  # the same model after vpetl.merge: its inference should cost the base's
+        if m.merges:
+            infer_models[m.label + " merged"] = vpetl.merge(copy.deepcopy(models[m.label])).eval()
     watch = CpuWatch()
     infer_times = time_inference(infer_models, spec, args, bar)
     result["contention_inference"] = watch.report()
@@ -633,6 +661,8 @@ def run_model(spec: ModelSpec, methods: list[Method], args: argparse.Namespace, 
             "infer_ratio_spread": _spread(infers[label], infers["base"]) if infer else None,
             "infer_flop_ratio": infer_flops.get(label),
             "infer_ratio_wall": median_ratio(infer_times[label]["wall"], infer_times["base"]["wall"]) if infer else None,
+            "infer_merged_ratio": (median_ratio(infers[label + " merged"], infers["base"])
+                                   if label + " merged" in infers else None),
             "delta_bytes": io[label]["delta_bytes"],
             "delta_ratio": io[label]["delta_bytes"] / result["full_checkpoint"]["bytes"],
             "inject_ms": io[label]["inject_ms"],
@@ -736,7 +766,8 @@ def check_targets(spec: ModelSpec, args: argparse.Namespace, result: dict[str, A
 
 def _units(method: Method, args: argparse.Namespace) -> int:
     """Progress units of one method: memory + warm-up/timed steps + inference + I/O."""
-    return 1 + args.warmup + args.repeats + (1 + args.repeats if method.has_branches else 0) + 1
+    inference = (1 + args.repeats) * (int(method.has_branches) + int(method.merges))
+    return 1 + args.warmup + args.repeats + inference + 1
 
 
 # --------------------------------------------------------------------------- output
@@ -792,7 +823,8 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
            "peak RSS increase during two training steps over the RSS after building model, optimizer and inputs "
            "(Linux VmHWM reset through /proc/self/clear_refs; gradients, AdamW state, saved activations, "
            "temporaries; the frozen weights, identical for every method, are excluded), one process per method.")
-        + " Inference: eval forward vs the un-injected base; `= base` where the forward graph is the base's. "
+        + " Inference: eval forward vs the un-injected base; `= base` where the forward graph is the base's; "
+        "after merge: the same model after `vpetl.merge` (methods that merge exactly), which should cost the base's. "
         "Delta: the saved file (vpetl `save_delta`; PEFT `adapter_model.safetensors` + `adapter_config.json`) "
         "vs the full safetensors checkpoint.",
     ]
@@ -813,8 +845,9 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
             "",
             f"| method | trainable | % | step ms{' (CPU)' if res.get('clock') == 'cpu' else ''} | step / full [min-max] | FLOPs / full | "
             + ("peak MB | mem / full" if cuda else "step mem MB | mem / full")
-            + " | infer / base [min-max] | infer FLOPs / base | delta MB | delta / ckpt | inject ms | load ms |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            + " | infer / base [min-max] | after merge / base | infer FLOPs / base | delta MB | delta / ckpt | inject ms "
+            "| load ms |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in res["rows"]:
             infer = "= base" if r["infer_ratio"] is None else f"{r['infer_ratio']:.3f}"
@@ -825,7 +858,8 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['method']} | {r['trainable']:,} | {r['trainable_pct']:.2f} | {r['step_ms']:.0f} | "
                 f"{r['step_ratio']:.3f} [{lo:.2f}-{hi:.2f}] | {r['flop_ratio']:.3f} | {mem:.0f} | {r['mem_ratio']:.3f} | "
-                f"{infer} | {'-' if r.get('infer_flop_ratio') is None else format(r['infer_flop_ratio'], '.3f')} | {_mb(r['delta_bytes'])} | {r['delta_ratio']:.4f} | {r['inject_ms']:.1f} | {r['load_ms']:.1f} |"
+                f"{infer} | {'-' if r.get('infer_merged_ratio') is None else format(r['infer_merged_ratio'], '.3f')} | "
+                f"{'-' if r.get('infer_flop_ratio') is None else format(r['infer_flop_ratio'], '.3f')} | {_mb(r['delta_bytes'])} | {r['delta_ratio']:.4f} | {r['inject_ms']:.1f} | {r['load_ms']:.1f} |"
             )
         for skip in res["skipped"]:
             lines += ["", f"Skipped **{skip['method']}**: {skip['reason']}."]

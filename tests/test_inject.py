@@ -40,7 +40,10 @@ def expected_trainable(method: str, base: set[str]) -> set[str]:
     repadapter = _names("blocks.{}.vpetl_repadapter", [f"{r}.{leaf}" for r in ("attn", "mlp") for leaf in PATT_LEAVES])
     convpass = _names("blocks.{}.vpetl_convpass", [f"{r}.{m}.{p}" for r in ("attn", "mlp")
                                                    for m in ("down", "conv", "up") for p in ("weight", "bias")])
+    ssf = {f"{p}.vpetl_ssf.{leaf}" for p in ["patch_embed.proj", "norm", *[f"blocks.{i}.{m}" for i in range(DEPTH)
+           for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")]] for leaf in ("scale", "shift")}
     return {
+        "ssf": ssf | HEAD,
         "repadapter": repadapter | HEAD,
         "convpass": convpass | HEAD,
         "adapter_plus": adapter_plus | HEAD,

@@ -46,7 +46,10 @@ def merge(model: nn.Module) -> nn.Module:
             f"vpetl.unload(model) to drop the branches. Methods that merge exactly: {mergeable}."
         )
     with torch.no_grad():
-        for entry in reversed(config.methods):  # innermost (attached last) first
+        # innermost (attached last) first; entries that rewrite the base weights themselves
+        # (SSF: the other entries' deltas are added outside its scaling) before all others
+        order = list(reversed(config.methods))
+        for entry in sorted(order, key=lambda e: not e.merge_first):
             entry.merge(record)
     return unload(model)
 

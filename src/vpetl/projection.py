@@ -316,8 +316,12 @@ class BranchedLinear(nn.Linear):
                  kernel: Kernel = Kernel.AUTO):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.register_parameter("bias", base.bias)
+        # the raw Parameters (keys stay); a base whose class vpetl derived to read them as an
+        # effective weight (SSF) transforms them in forward through ``_vpetl_effective``
+        self.weight = base._parameters["weight"]
+        self.register_parameter("bias", base._parameters.get("bias"))
+        for name, child in base._modules.items():  # branches registered on the base (vpetl_ssf): keys stay
+            self.add_module(name, child)
         self.layout = layout
         self._branches: list[ProjectionBranch] = list(branches)
         self.kernel = kernel
@@ -335,7 +339,11 @@ class BranchedLinear(nn.Linear):
 
     @torch.jit.unused
     def _eager_forward(self, x: Tensor) -> Tensor:
-        return project(x, self.weight, self.bias, self.layout, self._branches, self.kernel)
+        weight, bias, base = self.weight, self.bias, self._base
+        effective = getattr(type(base), "_vpetl_effective", None)  # SSF: gamma * W, gamma * b + beta
+        if effective is not None:
+            weight, bias = effective(base, "weight", weight), effective(base, "bias", bias)
+        return project(x, weight, bias, self.layout, self._branches, self.kernel)
 
     def __prepare_scriptable__(self) -> "BranchedLinear":
         """Called by ``torch.jit.script``: store the branches' plan (:mod:`vpetl.scripting`)."""

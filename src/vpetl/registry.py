@@ -39,6 +39,9 @@ class Method:
     adds_branches: ClassVar[bool] = True  # False: it only unfreezes base parameters
     mergeable: ClassVar[bool] = False
     why_not_mergeable: ClassVar[str] = ""
+    # merge before every other entry: it rewrites the base weights that the others' deltas are
+    # added to outside its own transform (SSF scales the base op, LoRA adds after it)
+    merge_first: ClassVar[bool] = False
     # names of methods that cannot share a model with this one (checked both ways)
     conflicts: ClassVar[frozenset[str]] = frozenset()
 
