@@ -27,9 +27,27 @@ from .registry import Method, check_composition, entry_from_dict
 M = TypeVar("M", bound=Method)
 
 __all__ = [
-    "POSITION_LETTERS", "Activation", "Adapter", "AdapterConfig", "AdapterPlacement", "BranchDtype", "InjectConfig",
-    "Kernel", "LoRA", "LoraConfig", "PATT", "PattConfig", "PattVariant", "Prefix", "PrefixConfig", "PromptConfig",
-    "Tune", "TunePosition", "VPT", "normalize_positions", "normalize_tune_positions",
+    "PATT",
+    "POSITION_LETTERS",
+    "VPT",
+    "Activation",
+    "Adapter",
+    "AdapterConfig",
+    "AdapterPlacement",
+    "BranchDtype",
+    "InjectConfig",
+    "Kernel",
+    "LoRA",
+    "LoraConfig",
+    "PattConfig",
+    "PattVariant",
+    "Prefix",
+    "PrefixConfig",
+    "PromptConfig",
+    "Tune",
+    "TunePosition",
+    "normalize_positions",
+    "normalize_tune_positions",
 ]
 
 
@@ -98,7 +116,7 @@ class InjectConfig:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "InjectConfig":
+    def from_dict(cls, data: dict[str, Any]) -> InjectConfig:
         """Inverse of ``to_dict``; also reads the layout vpetl 0.1.0 wrote (one field per method)."""
         if not isinstance(data, dict):
             raise ConfigError(f"an injection config must be a mapping; got {data!r}.")

@@ -257,7 +257,7 @@ class Injection:
         site.wire(branch, self.record)
         self.adopt(_join(site.path, "vpetl_adapter"), branch)
 
-    def blocks(self) -> list["Block"]:
+    def blocks(self) -> list[Block]:
         """The transformer blocks holding the attention sites, with their modules by role
         (:mod:`vpetl.blocks`)."""
         from .blocks import find_blocks
@@ -305,7 +305,7 @@ def _has_mlp_like_child(model: nn.Module, attention_path: str) -> bool:
     """Whether the block holding this attention has something named like an MLP. A block with
     attention but no MLP at all (timm CrossViT's fusion blocks) simply gets no adapter; one
     whose MLP vpetl cannot read (a convolutional MLP) is reported."""
-    from .methods.tune import block_path_of
+    from .blocks import block_path_of
 
     block_path = block_path_of(model, attention_path)
     if block_path is None:

@@ -21,11 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from . import methods  # noqa: F401  (registers every method)
 from .config import InjectConfig
 from .errors import ConfigError
 from .options import Kernel
 from .registry import REGISTRY, Method, method_class
-from . import methods  # noqa: F401  (registers every method)
 
 
 @dataclass(frozen=True)

@@ -45,11 +45,11 @@ class Method:
     # names of methods that cannot share a model with this one (checked both ways)
     conflicts: ClassVar[frozenset[str]] = frozenset()
 
-    def attach(self, injection: "Injection") -> None:
+    def attach(self, injection: Injection) -> None:
         """Add this method's branches to the model (or choose base parameters to train)."""
         raise NotImplementedError
 
-    def merge(self, record: "InjectionRecord") -> None:
+    def merge(self, record: InjectionRecord) -> None:
         """Fold this method's trained branches into the frozen base weights, in place."""
         raise MergeError(f"{self.name} cannot be merged into the base weights: {self.why_not_mergeable}")
 

@@ -63,7 +63,7 @@ class Adapter(Method):
         flag(self.learnable_scale, "Adapter learnable_scale")
 
 
-    def attach(self, injection: "Injection") -> None:
+    def attach(self, injection: Injection) -> None:
         """One :class:`AdapterBranch` per block with an MLP, as ``<block>.vpetl_adapter``."""
         for site in injection.mlp_sites():
             ref = next(site.module.parameters())

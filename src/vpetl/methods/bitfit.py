@@ -28,7 +28,7 @@ class BitFit(Method):
     adds_branches: ClassVar[bool] = False
     mergeable: ClassVar[bool] = True
 
-    def attach(self, injection: "Injection") -> None:
+    def attach(self, injection: Injection) -> None:
         injection.train(p for n, p in injection.model.named_parameters() if n.rsplit(".", 1)[-1].endswith("bias"))
 
     def merge(self, record) -> None:

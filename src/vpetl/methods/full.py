@@ -24,7 +24,7 @@ class Full(Method):
     adds_branches: ClassVar[bool] = False
     mergeable: ClassVar[bool] = True
 
-    def attach(self, injection: "Injection") -> None:
+    def attach(self, injection: Injection) -> None:
         injection.train(injection.model.parameters())
 
     def merge(self, record) -> None:

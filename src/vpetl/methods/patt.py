@@ -107,7 +107,7 @@ class PATT(Method):
                 f"positions must be 'kv'; got {self.positions!r}."
             )
 
-    def attach(self, injection: "Injection") -> None:
+    def attach(self, injection: Injection) -> None:
         """One :class:`PattBranch` per attention site, as ``<attention>.vpetl_patt``."""
         for site in injection.attention_sites():
             spec = injection.projection_spec(site, self.positions, "PATT")
@@ -198,14 +198,14 @@ class PattBranch(ProjectionBranch):
             self._calls, self._cache = 0, None
         return h
 
-    def add_into_(self, x: Tensor, x2d: Tensor, out: "OutputSlots") -> None:
+    def add_into_(self, x: Tensor, x2d: Tensor, out: OutputSlots) -> None:
         self._mark_called()
         h = self.hidden(x, x2d)
         for letters in out.runs(self.positions):  # "kv" of a fused qkv: one (M, 2d) GEMM
             rows = slice(self._rows[letters[0]].start, self._rows[letters[-1]].stop)
             _add_product_(out.view(letters), h, self.up.weight[rows].t(), self.scale_value())
 
-    def plain_delta(self, x: Tensor, layout: "SlotLayout", out_features: int) -> Tensor:
+    def plain_delta(self, x: Tensor, layout: SlotLayout, out_features: int) -> Tensor:
         """``s * (h U^T + c)``, ``(..., out_features)``: ``h`` ``(..., r)`` from ``x`` (or
         ``(T, r)`` from the learned tokens, broadcast over the batch), ``U``/``c`` the up rows
         and bias at this layout's slots, zeros elsewhere."""

@@ -49,7 +49,7 @@ class Prefix(Method):
         frozen_set(self, "activation", enum_value(Activation, self.activation, "prefix activation"))
 
 
-    def attach(self, injection: "Injection") -> None:
+    def attach(self, injection: Injection) -> None:
         """One :class:`PrefixBranch` per attention site, as ``<attention>.vpetl_prefix``."""
         for site in injection.attention_sites():
             spec = injection.projection_spec(site, "", "prefix")

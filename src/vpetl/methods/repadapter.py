@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..blocks import BlockParts, mlp_linears
 from ..branches import Branch, ProjectionBranch
 from ..derived import Derived
 from ..errors import ConfigError, InjectionError, MergeError
@@ -309,11 +310,9 @@ def _attention_folds(model: nn.Module, block: Block) -> tuple[Fold, ...] | str:
 
 def _mlp_folds(model: nn.Module, block: Block) -> tuple[Fold, ...] | str:
     """The MLP Linears reading norm2's output: all but the last that take ``D`` features."""
-    from .tune import _Block, _mlp_linears
-
-    view = _Block(block.path, block.module, block.attention_path, model.get_submodule(block.attention_path),
-                  block.site.path)
-    linears = _mlp_linears(model, view)
+    view = BlockParts(block.path, block.module, block.attention_path, model.get_submodule(block.attention_path),
+                      block.site.path)
+    linears = mlp_linears(model, view)
     first = [path for path, m in linears[:-1] if m.in_features == block.mlp.d_in]
     if not first:
         return f"the MLP of {block.path} has no input Linear of width {block.mlp.d_in} before its last one"

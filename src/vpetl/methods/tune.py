@@ -44,8 +44,21 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
+from ..blocks import (  # noqa: F401  (block_path_of: where VPT and others look it up)
+    NORM1_NAMES,
+    NORM2_NAMES,
+    BlockParts,
+    attention_linear_params,
+    attn_proj_params,
+    block_parts,
+    block_path_of,
+    join,
+    leaf,
+    mlp_linears,
+    named_params,
+    norm_params,
+)
 from ..errors import ConfigError, InjectionError
-from ..handlers.mlp import locate_mlp
 from ..handlers.sites import PROJECTION_CHILD_NAMES
 from ..options import enum_value, frozen_set
 from ..registry import BRANCH_MARKER, Method, register
@@ -80,9 +93,6 @@ def normalize_tune_positions(value: Any) -> tuple[TunePosition, ...]:
     return tuple(p for p in TunePosition if p in out)
 
 
-NORM1_NAMES = ("norm1", "ln_1", "ln1", "norm_1", "layernorm_before", "input_layernorm", "attention_norm", "norm_attn")
-NORM2_NAMES = ("norm2", "ln_2", "ln2", "norm_2", "layernorm_after", "post_attention_layernorm", "ffn_norm", "norm_mlp")
-PROJ_NAMES = frozenset({"proj", "out_proj", "o_proj", "wo", "c_proj"})  # + HF "output.dense"
 QKV_PARAM_NAMES = frozenset({
     "q_bias", "k_bias", "v_bias", "in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight",
     "v_proj_weight", "bias_k", "bias_v",
@@ -94,148 +104,47 @@ LOGIT_MODULE_NAMES = frozenset({"cpb_mlp"})
 Params = list[tuple[str, nn.Parameter]]
 
 
-def block_path_of(model: nn.Module, attention_path: str) -> str | None:
-    """Path of the block holding the attention at ``attention_path``: the attention itself or
-    its nearest ancestor whose parent is an ``nn.ModuleList`` / ``nn.Sequential``; None if
-    no ancestor sits in one."""
-    parts = attention_path.split(".") if attention_path else []
-    for end in range(len(parts), 0, -1):
-        parent = model.get_submodule(".".join(parts[: end - 1]))
-        if isinstance(parent, (nn.ModuleList, nn.Sequential)):
-            return ".".join(parts[:end])
-    return None
+def _norm1(model: nn.Module, block: BlockParts) -> Params:
+    return norm_params(block, 0)
 
 
-@dataclass
-class _Block:
-    """One transformer block: ``attention`` is its child that holds the attention site
-    (HF: ``attention`` with ``attention.output.dense`` inside), ``site_path`` the site."""
-
-    path: str
-    module: nn.Module
-    attention_path: str
-    attention: nn.Module
-    site_path: str
+def _norm2(model: nn.Module, block: BlockParts) -> Params:
+    return norm_params(block, 1)
 
 
-def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path and name else path or name
+def _attn_proj(model: nn.Module, block: BlockParts) -> Params:
+    return attn_proj_params(block)
 
 
-def _blocks(model: nn.Module, sites: list[tuple[str, nn.Module]]) -> list[_Block]:
-    out: dict[str, _Block] = {}
-    for site_path, site in sites:
-        block_path = block_path_of(model, site_path)
-        if block_path is None:  # no list of blocks: the attention's parent is the block
-            block_path = site_path.rpartition(".")[0]
-        block = model.get_submodule(block_path)
-        if block_path == site_path:  # the site is the whole layer (nn.TransformerEncoderLayer)
-            name = "self_attn" if isinstance(block._modules.get("self_attn"), nn.Module) else ""
-        else:
-            name = site_path[len(block_path) + 1 :].split(".")[0] if block_path else site_path.split(".")[0]
-        attention_path = _join(block_path, name)
-        if block_path not in out:
-            out[block_path] = _Block(block_path, block, attention_path, model.get_submodule(attention_path), site_path)
-    return list(out.values())
-
-
-def _params(path: str, module: nn.Module, recurse: bool = True) -> Params:
-    return [
-        (_join(path, name), p) for name, p in module.named_parameters(recurse=recurse) if BRANCH_MARKER not in name
-    ]
-
-
-def _is_norm(module: nn.Module) -> bool:
-    has_params = any(True for _ in module.parameters())
-    return has_params and (isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "norm" in type(module).__name__.lower())
-
-
-def _block_norm(block: _Block, which: int) -> Params:
-    """The norm feeding attention (``which=0``) or the MLP (``which=1``)."""
-    names = NORM1_NAMES if which == 0 else NORM2_NAMES
-    for name in names:
-        child = block.module._modules.get(name)
-        if child is not None and _is_norm(child):
-            return _params(_join(block.path, name), child)
-    norms = [(n, m) for n, m in block.module.named_children() if m is not block.attention and _is_norm(m)]
-    if len(norms) == 2:  # unknown names: registration order
-        name, child = norms[which]
-        return _params(_join(block.path, name), child)
-    return []
-
-
-def _norm1(model: nn.Module, block: _Block) -> Params:
-    return _block_norm(block, 0)
-
-
-def _norm2(model: nn.Module, block: _Block) -> Params:
-    return _block_norm(block, 1)
-
-
-def _leaf(name: str) -> str:
-    return name.rsplit(".", 1)[-1]
-
-
-def _attention_linears(block: _Block, keep: Callable[[str], bool]) -> Params:
-    """The parameters of the Linears inside the block's attention whose path ``keep`` accepts."""
-    out: Params = []
-    for name, module in block.attention.named_modules():
-        if BRANCH_MARKER in name or not isinstance(module, nn.Linear) or not name:
-            continue
-        if keep(name):
-            out += _params(_join(block.attention_path, name), module)
-    return out
-
-
-def _attn_proj(model: nn.Module, block: _Block) -> Params:
-    return _attention_linears(block, lambda name: _leaf(name) in PROJ_NAMES or f".{name}".endswith(".output.dense"))
-
-
-def _attn_qkv(model: nn.Module, block: _Block) -> Params:
-    out = _attention_linears(block, lambda name: _leaf(name) in PROJECTION_CHILD_NAMES)
+def _attn_qkv(model: nn.Module, block: BlockParts) -> Params:
+    out = attention_linear_params(block, lambda name: leaf(name) in PROJECTION_CHILD_NAMES)
     for name, module in block.attention.named_modules():
         if BRANCH_MARKER not in name:
-            own = _params(_join(block.attention_path, name), module, recurse=False)
-            out += [(n, p) for n, p in own if _leaf(n) in QKV_PARAM_NAMES]
+            own = named_params(join(block.attention_path, name), module, recurse=False)
+            out += [(n, p) for n, p in own if leaf(n) in QKV_PARAM_NAMES]
     return out
 
 
-def _attn_softmax(model: nn.Module, block: _Block) -> Params:
+def _attn_softmax(model: nn.Module, block: BlockParts) -> Params:
     """SwinV2-style logit parameters; relative-position tables are collected model-wide."""
     out: Params = []
     for name, module in block.attention.named_modules():
         if BRANCH_MARKER in name:
             continue
-        path = _join(block.attention_path, name)
-        if _leaf(name) in LOGIT_MODULE_NAMES:
-            out += _params(path, module)
-        out += [(n, p) for n, p in _params(path, module, recurse=False) if _leaf(n) in LOGIT_PARAM_NAMES]
+        path = join(block.attention_path, name)
+        if leaf(name) in LOGIT_MODULE_NAMES:
+            out += named_params(path, module)
+        out += [(n, p) for n, p in named_params(path, module, recurse=False) if leaf(n) in LOGIT_PARAM_NAMES]
     return out
 
 
-def _mlp_linears(model: nn.Module, block: _Block) -> list[tuple[str, nn.Linear]]:
-    site = locate_mlp(model, block.site_path)
-    if site is None:
-        return []
-    mlp = getattr(site, "mlp", None)
-    if mlp is not None:  # a child MLP (timm Mlp, torchvision MLPBlock / MLP Sequential, HF ViTMLP)
-        mlp_path = _join(site.path, next(n for n, m in site.module.named_children() if m is mlp))
-        linears = [(n, m) for n, m in mlp.named_modules() if isinstance(m, nn.Linear) and BRANCH_MARKER not in n]
-        return [(_join(mlp_path, n), m) for n, m in linears]
-    if getattr(site, "intermediate", None) is not None:  # HF intermediate.dense / output.dense
-        return [(_join(site.path, f"{part}.dense"), getattr(site, part).dense) for part in ("intermediate", "output")]
-    return [  # nn.TransformerEncoderLayer: linear1 / linear2
-        (_join(site.path, n), m) for n, m in site.module.named_children() if n in ("linear1", "linear2")
-    ]
-
-
-def _mlp_fc(which: int) -> Callable[[nn.Module, _Block], Params]:
-    def collect(model: nn.Module, block: _Block) -> Params:
-        linears = _mlp_linears(model, block)
+def _mlp_fc(which: int) -> Callable[[nn.Module, BlockParts], Params]:
+    def collect(model: nn.Module, block: BlockParts) -> Params:
+        linears = mlp_linears(model, block)
         if len(linears) < 2:
             return []
         chosen = linears[:-1] if which == 1 else linears[-1:]
-        return [pair for path, module in chosen for pair in _params(path, module)]
+        return [pair for path, module in chosen for pair in named_params(path, module)]
 
     return collect
 
@@ -243,7 +152,7 @@ def _mlp_fc(which: int) -> Callable[[nn.Module, _Block], Params]:
 _MLP_WANTED = "an MLP (an mlp/ffn child, HF intermediate/output, linear1/linear2) with two or more Linears"
 
 # per-block positions: (collector, what was looked for -- for the error message)
-_PER_BLOCK: dict[TunePosition, tuple[Callable[[nn.Module, _Block], Params], str]] = {
+_PER_BLOCK: dict[TunePosition, tuple[Callable[[nn.Module, BlockParts], Params], str]] = {
     TunePosition.NORM1: (_norm1, f"a norm child named {'/'.join(NORM1_NAMES[:4])}/... or two norm children"),
     TunePosition.ATTN_PROJ: (_attn_proj, "an attention output Linear named proj/out_proj/o_proj or output.dense"),
     TunePosition.ATTN_QKV: (_attn_qkv, "q/k/v Linears (qkv, q/k/v, query/key/value, q_proj/...) or "
@@ -261,22 +170,22 @@ _DOWNSAMPLE_WANTED = "a patch-merging module between stages (a *PatchMerging cla
 
 def _model_wide_rel_pos(model: nn.Module) -> Params:
     """Relative-position tables outside the blocks too (BEiT's shared ``rel_pos_bias``)."""
-    return [(n, p) for n, p in model.named_parameters() if BRANCH_MARKER not in n and _leaf(n) in REL_POS_PARAM_NAMES]
+    return [(n, p) for n, p in model.named_parameters() if BRANCH_MARKER not in n and leaf(n) in REL_POS_PARAM_NAMES]
 
 
-def _downsample(model: nn.Module, blocks: list[_Block]) -> Params:
+def _downsample(model: nn.Module, blocks: list[BlockParts]) -> Params:
     out: Params = []
     for path, module in model.named_modules():
         if BRANCH_MARKER in path:
             continue
         parent = path.rpartition(".")[0]
-        stage_child = _leaf(path) == "downsample" and any(b.path.startswith(parent + ".") for b in blocks)
+        stage_child = leaf(path) == "downsample" and any(b.path.startswith(parent + ".") for b in blocks)
         if "PatchMerging" in type(module).__name__ or stage_child:
-            out += _params(path, module)
+            out += named_params(path, module)
     return out
 
 
-def _collect(model: nn.Module, blocks: list[_Block], position: TunePosition) -> Params:
+def _collect(model: nn.Module, blocks: list[BlockParts], position: TunePosition) -> Params:
     if position is TunePosition.DOWNSAMPLE:
         return _downsample(model, blocks)
     collect = _PER_BLOCK[position][0]
@@ -299,7 +208,7 @@ def tune_named_parameters(
 ) -> dict[TunePosition, list[tuple[str, nn.Parameter]]]:
     """The base parameters at each position, by name (see the module docstring); raises
     ``InjectionError`` for a position that matches nothing in ``model``."""
-    blocks = _blocks(model, sites)
+    blocks = block_parts(model, sites)
     out = {position: list(_unique(_collect(model, blocks, position))) for position in positions}
     empty = [p for p, found in out.items() if not found]
     if empty:
@@ -318,7 +227,7 @@ def tune_parameters(
     return [param for _, param in _unique(pair for pairs in found.values() for pair in pairs)]
 
 
-def _no_match_message(model: nn.Module, blocks: list[_Block], empty: list[TunePosition]) -> str:
+def _no_match_message(model: nn.Module, blocks: list[BlockParts], empty: list[TunePosition]) -> str:
     available = [p.value for p in TunePosition if p not in empty and _collect(model, blocks, p)]
     example = f"{blocks[0].path or '<root>'} ({type(blocks[0].module).__name__})" if blocks else "none"
     looked = []
@@ -359,7 +268,7 @@ class Tune(Method):
             )
         frozen_set(self, "positions", normalize_tune_positions(self.positions))
 
-    def attach(self, injection: "Injection") -> None:
+    def attach(self, injection: Injection) -> None:
         sites = injection.attention_sites()
         injection.train(tune_parameters(injection.model, [(s.path, s.module) for s in sites], self.positions))
 

@@ -44,12 +44,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..blocks import block_path_of
 from ..branches import Branch
 from ..errors import InjectionError
 from ..options import flag, frozen_set, probability, width
 from ..record import InjectionRecord
 from ..registry import Method, register
-from .tune import block_path_of
 
 if TYPE_CHECKING:
     from ..inject import Injection
@@ -89,7 +89,7 @@ class VPT(Method):
         flag(self.deep, "prompt deep")
         frozen_set(self, "dropout", probability(self.dropout, "prompt dropout"))
 
-    def attach(self, injection: "Injection") -> None:
+    def attach(self, injection: Injection) -> None:
         """Prompt modules on the blocks (``<block>.vpetl_prompt``) and the hooks that splice them in."""
         sites = injection.attention_sites()
         for path, branch in add_prompts(injection.model, [s.path for s in sites], self, injection.record).items():
