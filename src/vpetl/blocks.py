@@ -3,7 +3,7 @@ to more than the q/k/v projections (SSF, FacT, RepAdapter, Convpass, the adapter
 
 A block is the ancestor of an attention site that sits in an ``nn.ModuleList`` /
 ``nn.Sequential`` (timm ``blocks.N``, torchvision ``features.S.N``, HF ``encoder.layer.N``).
-Roles are found the way :mod:`vpetl.methods.tune` finds Table 1's positions:
+Table 1's positions (:mod:`vpetl.methods.tune`) are found through the same lookups:
 
 ==============  =====================================================================
 role            module (path in the model)
@@ -20,7 +20,7 @@ role            module (path in the model)
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -154,7 +154,6 @@ class Block:
     mlp: MlpSite | None
     fc1: str | None
     fc2: str | None
-    extra: dict = field(default_factory=dict)
 
 
 def find_blocks(model: nn.Module, sites: list[AttentionSite]) -> list[Block]:
