@@ -245,6 +245,16 @@ class AddsAdapter(Derived):
 # ---------------------------------------------------------------------------- sites
 
 
+def attach_after_blocks(method: BottleneckMethod, injection: Injection, mixin: type[AddsAdapter]) -> None:
+    """One adapter per block with an MLP, as ``<block>.vpetl_<kind>``, added to the block's
+    output through ``mixin`` (whose ``adapter_attr`` is ``_vpetl_<kind>``): Adapter+ and Pfeiffer."""
+    for block in adapted_blocks(injection, method.name):
+        adapter = method.make_adapter(block.mlp.d_out, eps=norm_eps(injection.model, block.norm2))
+        injection.place(adapter, reference_tensor(block.module))
+        injection.add_branch(block.path, f"vpetl_{method.kind}", adapter)
+        injection.derive(block.path, mixin, mixin.adapter_attr, adapter)
+
+
 def adapted_blocks(injection: Injection, method: str) -> list[Block]:
     """The blocks that have an MLP (the family's adapters sit after it); an error if none has."""
     blocks = [b for b in injection.blocks() if b.mlp is not None]

@@ -21,15 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from ..registry import register
-from ._bottleneck import (
-    AdapterInit,
-    AdapterScaling,
-    AddsAdapter,
-    BottleneckMethod,
-    adapted_blocks,
-    norm_eps,
-    reference_tensor,
-)
+from ._bottleneck import AdapterInit, AdapterScaling, AddsAdapter, BottleneckMethod, attach_after_blocks
 
 if TYPE_CHECKING:
     from ..inject import Injection
@@ -62,11 +54,7 @@ class AdapterPlus(BottleneckMethod):
     def attach(self, injection: Injection) -> None:
         """One adapter per block with an MLP, as ``<block>.vpetl_adapter_plus``, added to the
         block's output."""
-        for block in adapted_blocks(injection, "adapter_plus"):
-            adapter = self.make_adapter(block.mlp.d_out, eps=norm_eps(injection.model, block.norm2))
-            injection.place(adapter, reference_tensor(block.module))
-            injection.add_branch(block.path, "vpetl_adapter_plus", adapter)
-            injection.derive(block.path, AdapterPlusOutput, "_vpetl_adapter_plus", adapter)
+        attach_after_blocks(self, injection, AdapterPlusOutput)
 
 
 class AdapterPlusOutput(AddsAdapter):

@@ -25,15 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from ..registry import register
-from ._bottleneck import (
-    AdapterInit,
-    AdapterScaling,
-    AddsAdapter,
-    BottleneckMethod,
-    adapted_blocks,
-    norm_eps,
-    reference_tensor,
-)
+from ._bottleneck import AdapterInit, AdapterScaling, AddsAdapter, BottleneckMethod, attach_after_blocks
 
 if TYPE_CHECKING:
     from ..inject import Injection
@@ -62,11 +54,7 @@ class Pfeiffer(BottleneckMethod):
 
     def attach(self, injection: Injection) -> None:
         """One adapter per block with an MLP, as ``<block>.vpetl_pfeiffer``, added to the block's output."""
-        for block in adapted_blocks(injection, "pfeiffer"):
-            adapter = self.make_adapter(block.mlp.d_out, eps=norm_eps(injection.model, block.norm2))
-            injection.place(adapter, reference_tensor(block.module))
-            injection.add_branch(block.path, "vpetl_pfeiffer", adapter)
-            injection.derive(block.path, PfeifferOutput, "_vpetl_pfeiffer", adapter)
+        attach_after_blocks(self, injection, PfeifferOutput)
 
 
 class PfeifferOutput(AddsAdapter):
