@@ -19,12 +19,13 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from . import branches as branch_protocol
+from .blocks import Block, block_path_of, find_blocks
 from .branches import Branch
 from .config import InjectConfig
 from .derived import derived_class
@@ -39,9 +40,6 @@ from .presets import OPTIONS, preset
 from .projection import BranchedLinear
 from .record import AWAITING_FIRST_FORWARD, InjectionRecord, get_record, set_record
 from .registry import Method
-
-if TYPE_CHECKING:
-    from .blocks import Block
 
 
 def inject(
@@ -260,8 +258,6 @@ class Injection:
     def blocks(self) -> list[Block]:
         """The transformer blocks holding the attention sites, with their modules by role
         (:mod:`vpetl.blocks`)."""
-        from .blocks import find_blocks
-
         if self._blocks is None:
             self._blocks = find_blocks(self.model, self.attention_sites())
         return self._blocks
@@ -305,8 +301,6 @@ def _has_mlp_like_child(model: nn.Module, attention_path: str) -> bool:
     """Whether the block holding this attention has something named like an MLP. A block with
     attention but no MLP at all (timm CrossViT's fusion blocks) simply gets no adapter; one
     whose MLP vpetl cannot read (a convolutional MLP) is reported."""
-    from .blocks import block_path_of
-
     block_path = block_path_of(model, attention_path)
     if block_path is None:
         block_path = attention_path.rpartition(".")[0]
