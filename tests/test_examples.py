@@ -119,8 +119,11 @@ def test_method_specs_and_schedule():
     transfer = load_example("transfer")
     assert transfer.Method.parse("bapat-64").label == "BAPAT-64"
     assert transfer.Method.parse("linear").width is None
-    with pytest.raises(Exception, match="unknown method"):
-        transfer.Method.parse("prefix-8")
+    assert transfer.Method.parse("fact_tk-16").label == "FacT-TK-16"  # any registered method runs
+    with pytest.raises(Exception, match="unknown method 'prefixx-8'"):
+        transfer.Method.parse("prefixx-8")
+    with pytest.raises(Exception, match="method 'ssf' has no width"):
+        transfer.Method.parse("ssf-8")
     factor = transfer.Recipe(epochs=2, batch_size=8, lr=0.1, warmup_epochs=0.5).schedule(steps_per_epoch=10)
     values = [factor(s) for s in range(20)]
     assert values[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])

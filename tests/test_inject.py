@@ -42,7 +42,9 @@ def expected_trainable(method: str, base: set[str]) -> set[str]:
                                                    for m in ("down", "conv", "up") for p in ("weight", "bias")])
     ssf = {f"{p}.vpetl_ssf.{leaf}" for p in ["patch_embed.proj", "norm", *[f"blocks.{i}.{m}" for i in range(DEPTH)
            for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")]] for leaf in ("scale", "shift")}
+    dora = _names("blocks.{}.attn.qkv.vpetl_dora", ["down.weight", "up.weight", "magnitude"])
     return {
+        "dora": dora | HEAD,
         "ssf": ssf | HEAD,
         "repadapter": repadapter | HEAD,
         "convpass": convpass | HEAD,

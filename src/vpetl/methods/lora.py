@@ -32,7 +32,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -98,7 +97,7 @@ class LoRA(Method):
             return self.scale * self.rank / math.sqrt(r)
         return self.scale if r == self.rank else self.scale * self.rank / r
 
-    def attach(self, injection: "Injection") -> None:
+    def attach(self, injection: Injection) -> None:
         """One :class:`LoraBranch` per attention site (``<attention>.vpetl_lora``) for the
         positions; one :class:`LinearLoraBranch` per chosen Linear (``<linear>.vpetl_lora``)."""
         if self.positions:
@@ -112,7 +111,7 @@ class LoRA(Method):
             injection.add_branch(path, "vpetl_lora", injection.place(branch, linear._parameters["weight"]))
             injection.derive(path, _LoraLinear, LORA_ATTR, branch)
 
-    def merge(self, record: "InjectionRecord") -> None:
+    def merge(self, record: InjectionRecord) -> None:
         """``W_p += s_p B_p A_p`` in the frozen rows of every adapted position, and
         ``W += s_t B A`` in every adapted Linear's weight."""
         for site in record.sites:
@@ -161,7 +160,7 @@ class LoraBranch(ProjectionBranch):
     def pair(self, letter: str) -> nn.Module:
         return getattr(self, letter)
 
-    def add_into_(self, x: Tensor, x2d: Tensor, out: "OutputSlots") -> None:
+    def add_into_(self, x: Tensor, x2d: Tensor, out: OutputSlots) -> None:
         self._mark_called()
         for c in self.positions:
             if c in out.letters:
@@ -169,7 +168,7 @@ class LoraBranch(ProjectionBranch):
                 _add_product_(out.view(c), pair.down(self._input(x2d, pair.down.weight)), pair.up.weight.t(),
                               self.scales[c])
 
-    def plain_delta(self, x: Tensor, layout: "SlotLayout", out_features: int) -> Tensor:
+    def plain_delta(self, x: Tensor, layout: SlotLayout, out_features: int) -> Tensor:
         """``sum_p s_p (x A_p^T) B_p^T`` with each ``B_p`` at slot ``p``'s output columns."""
         self._mark_called()
         delta = None
@@ -248,18 +247,18 @@ class _LoraLinear(Derived):
 _LORA_WEIGHT = vars(_LoraLinear)["weight"]
 
 
-def inner_weight(module: nn.Module, mixin: type) -> Tensor:
-    """``module.weight`` as the classes after ``mixin`` in its class's MRO define it (another
-    method's effective weight), or the raw Parameter."""
+def inner_weight(module: nn.Module, mixin: type, name: str = "weight") -> Tensor:
+    """``module.<name>`` as the classes after ``mixin`` in its class's MRO define it (another
+    method's effective weight, e.g. SSF's), or the raw Parameter."""
     mro = type(module).__mro__
     for klass in mro[mro.index(mixin) + 1:]:
-        found = vars(klass).get("weight")
+        found = vars(klass).get(name)
         if found is not None and hasattr(found, "__get__"):
             return found.__get__(module, type(module))
-    return module._parameters["weight"]
+    return module._parameters[name]
 
 
-def linear_targets(injection: "Injection", names: Iterable[str], method: str) -> list[tuple[str, nn.Linear, str]]:
+def linear_targets(injection: Injection, names: Iterable[str], method: str) -> list[tuple[str, nn.Linear, str]]:
     """``(path, Linear, name)`` of every block's chosen ``names`` (see :data:`LINEAR_ROLES`), in
     block order; an error (a warning with ``strict=False``) for blocks that lack one."""
     names = tuple(names)

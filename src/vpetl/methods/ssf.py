@@ -99,7 +99,10 @@ class SSF(Method):
             if branch.merged:
                 continue
             names = _names(type(module))
-            new = [getattr(module, n).detach().clone() for n in names]  # both before either is written
+            # SSF's own transform of the raw Parameters, not getattr: a method derived after SSF on the
+            # same module (LoRA, DoRA) reads the weight as its own effective one and merges that itself
+            new = [_SSFParameters._vpetl_effective(module, n, module._parameters.get(n)).detach().clone()
+                   for n in names]  # both before either is written
             for n, value in zip(names, new):
                 module._parameters[n].copy_(value)
             branch.merged = True  # reads now return the (merged) raw Parameters: later merges add into them
