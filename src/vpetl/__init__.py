@@ -36,12 +36,13 @@ from .disable import disabled
 from .delta import delta_state_dict, load_delta, save_delta
 from .inject import inject, verify
 from .merge import merge, unload
+from .multitask import route, tasks
 from .summary import Summary, summary
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Method", "REGISTRY",
+    "Method", "REGISTRY", "route", "tasks",
     "Activation", "AdapterConfig", "AdapterPlacement", "BaseWeightsWarning", "BranchDtype", "ConfigError", "DeltaFileError",
     "DeltaMismatchError", "ExportError", "InjectConfig", "InjectionError", "Kernel", "LoraConfig", "METHODS",
     "MergeError", "PattConfig", "PattVariant", "PrefixConfig", "PromptConfig", "Summary", "TunePosition", "VpetlError", "__version__", "delta_state_dict", "disabled", "inject",

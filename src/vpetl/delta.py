@@ -40,11 +40,18 @@ import torch
 from torch import nn
 
 from .config import InjectConfig
-from .options import Kernel
-from .registry import BRANCH_MARKER
-from .errors import BaseWeightsWarning, DeltaFileError, DeltaMismatchError, InjectionError, format_names
+from .errors import (
+    BaseWeightsWarning,
+    ConfigError,
+    DeltaFileError,
+    DeltaMismatchError,
+    InjectionError,
+    format_names,
+)
 from .inject import inject
+from .options import Kernel
 from .record import get_record, set_record
+from .registry import BRANCH_MARKER
 
 FORMAT_NAME = "vpetl.delta"
 FORMAT_VERSION = "2"
@@ -69,6 +76,11 @@ def delta_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         raise InjectionError(
             f"this {type(model).__name__} is not injected, so it has no delta; call vpetl.inject(model, ...) first."
         )
+    if record.tasks is not None:
+        raise InjectionError(
+            f"this model carries the tasks {list(record.tasks.tasks)}; save one with "
+            "vpetl.save_delta(model, path, task='name')."
+        )
     params = dict(model.named_parameters())
     missing = [n for n in record.delta_names if n not in params]
     if missing:
@@ -82,14 +94,15 @@ def delta_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 SAVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def save_delta(model: nn.Module, path: PathLike, *, dtype: torch.dtype | None = None) -> Path:
+def save_delta(model: nn.Module, path: PathLike, *, dtype: torch.dtype | None = None, task: str | None = None) -> Path:
     """Write the delta of an injected ``model`` to ``path`` (one safetensors file); return the path.
 
     Only the trainable tensors are stored, on CPU and contiguous, with the injection config and a
     fingerprint of the base in the metadata (see the module docstring). The write is atomic.
     ``dtype`` (e.g. ``torch.bfloat16``) stores the floating-point tensors in that dtype (half
     the file); None keeps each tensor's own. ``load_delta`` converts every tensor to the dtype
-    of the model parameter it lands in.
+    of the model parameter it lands in. ``task`` (a model carrying tasks, :mod:`vpetl.multitask`)
+    writes that task's delta: the file it was loaded as, with its current values.
     """
     from . import __version__  # lazy: vpetl/__init__ imports this module
 
@@ -97,18 +110,27 @@ def save_delta(model: nn.Module, path: PathLike, *, dtype: torch.dtype | None = 
         raise DeltaFileError(
             f"save_delta dtype must be None or one of {', '.join(str(d) for d in SAVE_DTYPES)}; got {dtype!r}."
         )
-    tensors = _saveable(delta_state_dict(model))
+    if task is not None:
+        chosen = _task(model, task)
+        tensors = _saveable({name: param.detach() for name, param in chosen.params.items()})
+        fingerprint = {k: chosen.metadata[k] for k in ("base_shapes", "base_checksum", "model_class")}
+        config = chosen.config
+    else:
+        tensors = _saveable(delta_state_dict(model))
+        config = get_record(model).config
+        fingerprint = {
+            "base_shapes": json.dumps(base_shapes(model), sort_keys=True, separators=(",", ":")),
+            "base_checksum": json.dumps(base_checksum(model, exclude=set(tensors)), separators=(",", ":")),
+            "model_class": type(model).__name__,
+        }
     if dtype is not None:
         tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
-    record = get_record(model)
     metadata = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "vpetl_version": __version__,
-        "config": json.dumps(record.config.to_dict(), sort_keys=True),
-        "base_shapes": json.dumps(base_shapes(model), sort_keys=True, separators=(",", ":")),
-        "base_checksum": json.dumps(base_checksum(model, exclude=set(tensors)), separators=(",", ":")),
-        "model_class": type(model).__name__,
+        "config": json.dumps(config.to_dict(), sort_keys=True),
+        **fingerprint,
         "tensor_count": str(len(tensors)),
     }
     target = Path(os.fspath(path))
@@ -116,7 +138,7 @@ def save_delta(model: nn.Module, path: PathLike, *, dtype: torch.dtype | None = 
     return target
 
 
-def load_delta(model: nn.Module, path: PathLike, *, strict: bool = True) -> nn.Module:
+def load_delta(model: nn.Module, path: PathLike, *, strict: bool = True, task: str | None = None) -> nn.Module:
     """Load a delta file into ``model`` and return it.
 
     A plain (not injected) model is first checked against the delta's base fingerprint, then
@@ -128,6 +150,9 @@ def load_delta(model: nn.Module, path: PathLike, *, strict: bool = True) -> nn.M
     lacks or holds with another shape (e.g. a head for another number of classes) are skipped
     with a warning instead of raising. A different injection config always raises.
 
+    ``task="name"`` adds the delta as a named task beside the ones already loaded (a plain model
+    first): see :mod:`vpetl.multitask`; its head may have another size than the base's.
+
     Raises ``DeltaFileError`` for an unreadable file and ``DeltaMismatchError`` when the delta
     does not fit; on either, a model that was not injected is left untouched.
     """
@@ -136,6 +161,8 @@ def load_delta(model: nn.Module, path: PathLike, *, strict: bool = True) -> nn.M
     path = Path(os.fspath(path))
     metadata, tensor_names = read_header(path)
     config = _stored_config(path, metadata)
+    if task is not None:
+        return _load_task(model, path, task, config, metadata)
     stored_shapes = _json_field(path, metadata, "base_shapes", dict)
     origin = f"the delta {path} (saved from {metadata.get('model_class', 'a model')})"
 
@@ -470,3 +497,68 @@ def _comparable(config: InjectConfig) -> InjectConfig:
 
 def _show(config: InjectConfig) -> str:
     return json.dumps(config.to_dict(), sort_keys=True)
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def _task(model: nn.Module, name: str):
+    record = get_record(model)
+    taskset = record.tasks if record is not None else None
+    if taskset is None or name not in taskset.tasks:
+        known = list(taskset.tasks) if taskset is not None else []
+        raise InjectionError(f"this model has no task {name!r}; its tasks: {known} (vpetl.tasks(model)).")
+    return taskset.tasks[name]
+
+
+def _load_task(model: nn.Module, path: Path, name: str, config: InjectConfig, metadata: dict[str, str]) -> nn.Module:
+    """``load_delta(..., task=name)``: add the delta as a named task (see :mod:`vpetl.multitask`)."""
+    from .heads import find_head_paths
+    from .multitask import TaskSet, check_routable, extract_task, wire_tasks
+
+    if not isinstance(name, str) or not name or "." in name:
+        raise ConfigError(
+            f"task must be a non-empty name without dots (it becomes part of parameter names); got {name!r}."
+        )
+    record = get_record(model)
+    if record is not None and record.tasks is None:
+        raise InjectionError(
+            f"this model is injected with method {record.config.method!r}, not loaded as tasks; call "
+            "vpetl.unload(model) first, then load every delta with task='name'."
+        )
+    taskset = record.tasks if record is not None else TaskSet()
+    if name in taskset.tasks:
+        raise InjectionError(f"task {name!r} is already loaded; this model's tasks: {list(taskset.tasks)}. "
+                             "Pick another name.")
+    origin = f"the delta {path} (saved from {metadata.get('model_class', 'a model')})"
+    check_routable(config, origin)
+    if record is not None:
+        record.undo(model)  # the plain base again; the loaded tasks keep their modules
+        set_record(model, None)
+    changed: list[str] = []
+    try:
+        heads = tuple(p + "." for p in find_head_paths(model))
+        stored = {k: v for k, v in _json_field(path, metadata, "base_shapes", dict).items() if not k.startswith(heads)}
+        current = {k: v for k, v in base_shapes(model).items() if not k.startswith(heads)}
+        problems = _compare_base(stored, current)
+        if problems:
+            raise DeltaMismatchError(
+                f"{origin} does not fit this {type(model).__name__}'s architecture (the heads aside): {problems}. "
+                "Every task must share the same base architecture."
+            )
+        tensors = _read_tensors(path)
+        changed = different_weights(_json_field(path, metadata, "base_checksum", dict),
+                                    base_checksum(model, set(tensors)))
+        taskset.tasks[name] = extract_task(model, name, config, tensors, dict(metadata))
+    finally:
+        if taskset.tasks:
+            set_record(model, wire_tasks(model, taskset))
+    if changed:
+        warnings.warn(
+            f"{origin} was trained on other base weights than this model's ({len(changed)} frozen tensors differ, "
+            f"e.g. {format_names(changed, 3)}); task {name!r} is loaded, but its outputs will differ from the "
+            "trained model.",
+            BaseWeightsWarning,
+            stacklevel=3,
+        )
+    return model

@@ -137,6 +137,7 @@ class InjectionRecord:
     undo_log: list[Any] = field(default_factory=list)
     hooks: list[tuple[str, int]] = field(default_factory=list)  # ("pre" | "post", hook id) on the root
     disabled: bool = False  # inside vpetl.disabled(model)
+    tasks: Any = None  # a vpetl.tasks.TaskSet when the model carries named tasks
 
     def swap_module(self, parent: nn.Module, name: str, new: nn.Module) -> None:
         self.undo_log.append(ModuleSwap(parent, name, getattr(parent, name), new))

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from .record import get_record
-
 from .registry import BRANCH_MARKER, branch_kinds
 
 
@@ -20,6 +19,7 @@ class Summary:
     trainable: int
     total: int
     base_total: int
+    tasks: dict[str, str] = field(default_factory=dict)  # name -> "method, N trainable" (vpetl.multitask)
 
     @property
     def trainable_fraction(self) -> float:
@@ -35,6 +35,7 @@ class Summary:
             f"{'trainable':<{width}}  {self.trainable:>12,}  ({100 * self.trainable_fraction:.2f}% of "
             f"{self.total:,} total; base {self.base_total:,})"
         )
+        lines += [f"task {name}: {text}" for name, text in self.tasks.items()]
         return "\n".join(lines)
 
 
@@ -68,4 +69,10 @@ def summary(model: nn.Module) -> Summary:
             by_kind[kind] = by_kind.get(kind, 0) + param.numel()
     order = [*branch_kinds(), "head", "bias", "base"]
     ordered = {k: by_kind[k] for k in order if k in by_kind}
-    return Summary(record.config.method if record else None, ordered, trainable, total, base_total)
+    tasks = {}
+    if record is not None and record.tasks is not None:
+        for name, task in record.tasks.tasks.items():
+            size = sum(p.numel() for p in task.params.values())
+            head = "its own head" if task.head is not None else "the base head"
+            tasks[name] = f"{task.config.method}, {size:,} trainable, {head}"
+    return Summary(record.config.method if record else None, ordered, trainable, total, base_total, tasks)
