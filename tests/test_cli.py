@@ -198,3 +198,16 @@ def test_methods_lists_every_registered_method(capsys):
     assert main(["methods"]) == 0
     text = capsys.readouterr().out
     assert all(name in text for name in vpetl.METHODS) and "merges exactly" in text
+
+
+def test_inspect_several_deltas_says_whether_they_load_as_tasks(tmp_path, capsys):
+    vpetl.save_delta(vpetl.inject(tiny_vit(), "bapat", d_bottle=4), tmp_path / "digits.safetensors")
+    vpetl.save_delta(vpetl.inject(tiny_vit(num_classes=5), "lora", d_bottle=4), tmp_path / "fashion.safetensors")
+    vpetl.save_delta(vpetl.inject(tiny_vit(), "ssf"), tmp_path / "ssf.safetensors")
+    assert main(["inspect", str(tmp_path / "digits.safetensors"), str(tmp_path / "fashion.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "digits   bapat" in out and "fashion  lora" in out and "can be loaded as tasks of one model" in out
+    assert main(["inspect", str(tmp_path / "digits.safetensors"), str(tmp_path / "ssf.safetensors"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert not info["one_model"] and "ssf (ssf) cannot be routed per sample" in info["problems"][0]
+    assert [r["routable"] for r in info["tasks"]] == [True, False] and len(info["files"]) == 2

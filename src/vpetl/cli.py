@@ -284,6 +284,7 @@ def _print_rows(rows: list[tuple[str, ...]]) -> None:
 def delta_info(path: Path) -> dict[str, Any]:
     """Everything ``vpetl inspect`` reports about a delta file, from its header alone."""
     from .delta import read_header
+    from .heads import ROOT_HEAD_NAMES
 
     metadata, names = read_header(path)  # validates: exists, not truncated, a vpetl delta
     with open(path, "rb") as f:
@@ -300,6 +301,7 @@ def delta_info(path: Path) -> dict[str, Any]:
     except ValueError as error:
         raise CliError(f"{path}: corrupt vpetl metadata ({error}).") from None
     shapes_text = json.dumps(shapes, sort_keys=True, separators=(",", ":"))
+    trunk = {k: v for k, v in shapes.items() if k.split(".")[0] not in ROOT_HEAD_NAMES}
     return {
         "path": str(path),
         "file_bytes": path.stat().st_size,
@@ -314,6 +316,7 @@ def delta_info(path: Path) -> dict[str, Any]:
             "shapes_sha256": hashlib.sha256(shapes_text.encode()).hexdigest()[:16],
             "checksummed": len(checksums),
         },
+        "base_trunk": hashlib.sha256(json.dumps(trunk, sort_keys=True).encode()).hexdigest()[:16],
         "tensors": {"count": len(names), "values": values, "bytes": data_bytes, "dtypes": dict(sorted(dtypes.items()))},
         "tensor_list": [{"name": n, "dtype": entries[n]["dtype"], "shape": entries[n]["shape"]} for n in names],
     }
@@ -342,7 +345,7 @@ def _config_lines(config: dict[str, Any]) -> list[str]:
         if key == "methods" and isinstance(value, list):  # format 2: one line per method entry
             for entry in value:
                 options = {k: v for k, v in entry.items() if k != "name" and v is not None}
-                lines.append(f"{entry.get('name')}: " + ", ".join(f"{k}={v}" for k, v in options.items()))
+                lines.append(f"{entry.get('name')}: " + (", ".join(f"{k}={v}" for k, v in options.items()) or "(no options)"))
             continue
         if key == "method" or value is None or value == [] or value is False and key != "train_head":
             continue
@@ -354,11 +357,54 @@ def _config_lines(config: dict[str, Any]) -> list[str]:
     return lines
 
 
+def tasks_info(infos: list[dict[str, Any]]) -> dict[str, Any]:
+    """Whether several delta files can be loaded as tasks of one model (``load_delta(..., task=)``):
+    one row per file (task name = file stem, method, trained values) and the verdict."""
+    from .config import InjectConfig
+    from .errors import ConfigError
+    from .multitask import check_routable
+
+    rows, problems = [], []
+    bases = set()
+    for info in infos:
+        name = Path(info["path"]).stem
+        try:
+            check_routable(InjectConfig.from_dict(info["config"]), name)
+            routable = True
+        except ConfigError as error:
+            routable = False
+            problems.append(f"{name} ({info['method']}) cannot be routed per sample beside other tasks ({error})")
+        rows.append({"task": name, "method": info["method"], "values": info["tensors"]["values"],
+                     "bytes": info["tensors"]["bytes"], "routable": routable})
+        bases.add(info["base_trunk"])
+    if len(bases) > 1:
+        problems.append("the files were saved from different base architectures (the heads aside)")
+    return {"tasks": rows, "one_model": not problems, "problems": problems}
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
-    info = delta_info(Path(args.file))
+    infos = [delta_info(Path(f)) for f in args.file]
+    together = tasks_info(infos) if len(infos) > 1 else None
     if args.json:
-        print(json.dumps(info if args.tensors else {k: v for k, v in info.items() if k != "tensor_list"}, indent=2))
+        shown = [info if args.tensors else {k: v for k, v in info.items() if k != "tensor_list"} for info in infos]
+        print(json.dumps(shown[0] if together is None else {"files": shown, **together}, indent=2))
         return 0
+    for index, info in enumerate(infos):
+        if index:
+            print()
+        _print_inspect(info, args.tensors)
+    if together is not None:
+        print()
+        _print_rows([("task", "method", "trained values", "size", "routable"),
+                     *[(r["task"], r["method"], f"{r['values']:,}", human_bytes(r["bytes"]), "yes" if r["routable"] else "no")
+                       for r in together["tasks"]]])
+        verdict = ("these deltas can be loaded as tasks of one model: vpetl.load_delta(model, path, task=name)"
+                   if together["one_model"] else "not as tasks of one model: " + "; ".join(together["problems"]))
+        print(verdict)
+    return 0
+
+
+def _print_inspect(info: dict[str, Any], tensors_too: bool) -> None:
     base, tensors = info["base"], info["tensors"]
     dtypes = ", ".join(f"{d} ({n})" for d, n in tensors["dtypes"].items())
     fields = [
@@ -377,11 +423,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     ]
     for label, value in fields:
         print(f"{label:<12} {value}")
-    if args.tensors:
+    if tensors_too:
         print()
         listing = [(t["name"], t["dtype"], "x".join(map(str, t["shape"])) or "scalar") for t in info["tensor_list"]]
         _print_rows([("name", "dtype", "shape"), *listing])
-    return 0
 
 
 # --------------------------------------------------------------------------- argparse
@@ -470,7 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read a delta file's header (no tensor data): vpetl version, method and config, the base "
                     "model fingerprint, tensor count, size and dtypes.",
     )
-    inspect.add_argument("file", metavar="DELTA", help="a .safetensors file written by vpetl.save_delta")
+    inspect.add_argument("file", metavar="DELTA", nargs="+",
+                         help="a .safetensors file written by vpetl.save_delta; several: also whether they can be "
+                              "loaded as tasks of one model")
     inspect.add_argument("--tensors", action="store_true", help="also list every tensor (name, dtype, shape)")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     inspect.set_defaults(func=cmd_inspect)
