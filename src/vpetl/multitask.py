@@ -172,15 +172,16 @@ class RoutedAdapters(Branch):
         """``out`` with each task's adapter added on its samples' rows (``out``, ``x``: ``(..., d)``)."""
         routing = self._taskset[0].active("an MLP adapter")
         flat_out, flat_x = out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1])
-        result = flat_out
+        result = None
         for task, adapter in self.named_children():
             rows = routing.rows(task, flat_out.shape[0], out.device, "an MLP")
             if rows is None:
                 return adapter.add_to(out, x, kernel)
             if rows.numel():
                 summed = adapter.add_to(flat_out.index_select(0, rows), flat_x.index_select(0, rows), kernel)
-                result = result.index_copy(0, rows, summed.to(result.dtype))
-        return result.view(out.shape)
+                result = flat_out.clone() if result is None else result  # one copy for all tasks
+                result.index_copy_(0, rows, summed.to(result.dtype))
+        return out if result is None else result.view(out.shape)
 
 
 class RoutedHead(Derived):
