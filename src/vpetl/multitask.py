@@ -343,7 +343,9 @@ def extract_task(model: nn.Module, name: str, config: InjectConfig, tensors: dic
                 owner, _, leaf = local.rpartition(".")
                 module = head.get_submodule(owner)
                 like = module._parameters[leaf]
-                module._parameters[leaf] = nn.Parameter(tensors[n].to(like.device, like.dtype), requires_grad=True)
+                # a copy: the file's tensors are memory-mapped, and the task must not keep the file mapped
+                value = tensors[n].to(device=like.device, dtype=like.dtype, copy=True)
+                module._parameters[leaf] = nn.Parameter(value, requires_grad=True)
                 params[n] = module._parameters[leaf]
                 if isinstance(module, nn.Linear):
                     module.out_features = module.weight.shape[0]
