@@ -1,0 +1,680 @@
+"""Many tasks on one frozen backbone: a mixed batch routed per sample (``vpetl.route``) against
+the ways of serving the same batch without it, and against PEFT's mixed-adapter batch.
+
+Model: timm ``vit_small_patch16_224`` (seeded random weights, 10 classes), eval, inference
+mode, batch 32 at 224 px; sample ``i`` belongs to task ``i % T`` (T = 8). Every task is a delta
+file written by ``vpetl.save_delta`` (PEFT: ``save_pretrained``) after its trainable tensors were
+perturbed with a seeded generator, so every branch and head changes the output.
+
+Times, all variants side by side in one run (``--repeats`` rounds after one warm-up round, the
+order rotating each round; every ratio is the median over rounds of the per-round ratio, with the
+[min-max] range of those ratios):
+
+* (a) ``bapat_mixed``: one model holding the T BAPAT-64 tasks (``load_delta(..., task=)``),
+  ``with vpetl.route(model, routes): model(x)`` on the whole batch;
+* (b) ``bapat_single``: one model with one BAPAT-64 injected (``vpetl.inject``), ``model(x)``;
+* (c) ``bapat_swap_load``: one injected BAPAT model; per task ``vpetl.load_delta`` of its file
+  (read from disk, fingerprint checked), then its sub-batch ``x[t::T]``; ``bapat_swap_copy``: the
+  same with the task's tensors (held in memory on the device) ``copy_``-ed into the parameters;
+* (d) ``bapat_separate``: T full copies of the model, each with its own delta, each runs its
+  sub-batch; (c) and (d) write their outputs into one ``(B, classes)`` tensor in batch order;
+* (e) ``base``: the plain model, for reference, and ``base_split``: the plain model run on the T
+  sub-batches one after the other, which isolates what smaller batches alone change;
+* LoRA-16: ``lora_mixed`` (T vpetl tasks, routed) and ``lora_single`` against PEFT's
+  ``peft_mixed`` (T adapters loaded with ``load_adapter``, ``model(x, adapter_names=[...])``;
+  ``PeftModel.forward`` turns ``adapter_names`` into forward pre-hooks on its LoRA layers, so
+  the timm model's own forward needs no extra keyword) and ``peft_single`` (one adapter).
+  vpetl's LoRA puts rank-16 pairs on the q and v slots of the fused qkv; PEFT's on the whole qkv
+  Linear (``target_modules=["qkv"]``): the same parameter count and FLOPs, different placement.
+  Both train the head (PEFT: ``modules_to_save=["head"]``).
+
+On CPU the clock is the calling thread's CPU time (``time.thread_time``) with one torch thread,
+so time slices taken by other processes on a shared machine are not counted (wall times are in
+the JSON too); on CUDA, synchronised wall-clock time. Before timing, every mixed-batch output is
+checked against the same samples run through a single-task model (max abs difference recorded).
+
+Memory: bytes of ``model.state_dict()`` with tensors counted once per ``data_ptr`` (duplicates
+reported), against the base's bytes plus T times the delta file's tensor bytes (the target:
+at most 10 % above that sum) and against T separate models; and, unless ``--no-rss``, each
+model built in a fresh process (forked from a forkserver that only imported the libraries):
+the resident-set increase of building it, and the peak increase during one forward of the
+batch (Linux VmRSS / VmHWM, reset through /proc/self/clear_refs; CUDA: memory_allocated).
+
+Usage:
+    python benchmarks/multitask.py                      # CPU, ViT-S/16 b32, 8 tasks, 7 rounds (~4 min on 2 cores)
+    python benchmarks/multitask.py --device cuda        # the same on a GPU (wall clock, synchronised)
+    python benchmarks/multitask.py --quick              # tiny shapes in seconds (smoke test)
+
+Writes benchmarks/results/multitask_<device>.json, .md and .png (``--quick``: under the system
+temp folder unless ``--out`` is given, so a smoke test never overwrites measured results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import datetime as dt
+import gc
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from queue import Empty
+from typing import Any
+
+# benchmarks/kernels.py would shadow the Hugging Face `kernels` package that transformers (imported
+# by peft) probes for: drop this folder from sys.path before any third-party import (train_step.py).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import safetensors.torch
+import timm
+import torch
+
+import vpetl
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NUM_CLASSES = 10
+BAPAT_WIDTH, LORA_RANK, PERTURB = 64, 16, 0.02
+BAPAT_LABELS = ("base", "base_split", "bapat_single", "bapat_mixed", "bapat_swap_load", "bapat_swap_copy",
+                "bapat_separate")
+LORA_LABELS = ("lora_single", "lora_mixed", "peft_single", "peft_mixed")
+TIME_LABELS = BAPAT_LABELS + LORA_LABELS
+RSS_LABELS = ("base", "bapat_single", "bapat_mixed", "bapat_separate", "lora_single", "lora_mixed",
+              "peft_single", "peft_mixed")
+DESCRIBE = {
+    "base": "(e) plain base, whole batch",
+    "base_split": "(e') plain base, T sub-batches (the batch-size effect alone)",
+    "bapat_single": "(b) one BAPAT-64 injected, whole batch",
+    "bapat_mixed": "(a) T BAPAT-64 tasks, `vpetl.route` per sample, whole batch",
+    "bapat_swap_load": "(c) one injected model, `load_delta` of each task's file, then its sub-batch",
+    "bapat_swap_copy": "(c') one injected model, `copy_` of each task's tensors, then its sub-batch",
+    "bapat_separate": "(d) T separate models, each runs its sub-batch",
+    "lora_single": "vpetl LoRA-16 (q, v), one task injected, whole batch",
+    "lora_mixed": "vpetl LoRA-16 (q, v), T tasks, `vpetl.route` per sample",
+    "peft_single": "PEFT LoRA-16 (whole qkv), one adapter, whole batch",
+    "peft_mixed": "PEFT LoRA-16 (whole qkv), T adapters, `adapter_names` per sample",
+}
+
+
+# --------------------------------------------------------------------------- models and deltas
+
+
+def build_base(args: argparse.Namespace) -> torch.nn.Module:
+    """The seeded base (no download); ``--quick``: 2 blocks at 32 px (ViT-S width)."""
+    torch.manual_seed(0)
+    extra = {"img_size": 32, "depth": 2} if args.quick else {}
+    return timm.create_model(args.model, pretrained=False, num_classes=NUM_CLASSES, **extra).eval().to(args.device)
+
+
+def _perturb(named, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in named:
+            if p.requires_grad:
+                p.add_((torch.randn(p.shape, generator=gen) * PERTURB).to(p.device, p.dtype))
+
+
+def peft_config():
+    import peft
+
+    return peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=["qkv"], modules_to_save=["head"])
+
+
+def write_deltas(base: torch.nn.Module, args: argparse.Namespace, workdir: Path) -> dict[str, list[Path]]:
+    """T delta files per family: vpetl BAPAT-64 and LoRA-16 (``save_delta``), PEFT LoRA-16 dirs."""
+    import peft
+
+    files: dict[str, list[Path]] = {"bapat": [], "lora": [], "peft": []}
+    for t in range(args.tasks):
+        for family, method, width in (("bapat", "bapat", BAPAT_WIDTH), ("lora", "lora", LORA_RANK)):
+            model = vpetl.inject(copy.deepcopy(base), method, d_bottle=width)
+            _perturb(model.named_parameters(), 1000 * t + width)
+            files[family].append(vpetl.save_delta(model, workdir / f"{family}_{t}.safetensors"))
+        model = peft.get_peft_model(copy.deepcopy(base), peft_config())
+        _perturb(model.named_parameters(), 1000 * t + 1)
+        model.save_pretrained(workdir / f"peft_{t}")
+        files["peft"].append(workdir / f"peft_{t}")
+    return files
+
+
+def build(label: str, base: torch.nn.Module, files: dict[str, list[Path]]) -> Any:
+    """The model (a list for ``bapat_separate``) a variant runs; ``base`` is left unchanged."""
+    import peft
+
+    def multi(family: str) -> torch.nn.Module:
+        model = copy.deepcopy(base)
+        for t, path in enumerate(files[family]):
+            vpetl.load_delta(model, path, task=f"t{t}")
+        return model
+
+    if label in ("base", "base_split"):
+        return copy.deepcopy(base)
+    if label in ("bapat_single", "bapat_swap_load", "bapat_swap_copy", "lora_single"):
+        family = label.split("_")[0]
+        return vpetl.load_delta(copy.deepcopy(base), files[family][0]).eval()  # injects the stored config
+    if label in ("bapat_mixed", "lora_mixed"):
+        return multi(label.split("_")[0]).eval()
+    if label == "bapat_separate":
+        return [vpetl.load_delta(copy.deepcopy(base), path).eval() for path in files["bapat"]]
+    model = peft.PeftModel.from_pretrained(copy.deepcopy(base), files["peft"][0], adapter_name="t0")
+    if label == "peft_mixed":
+        for t, path in enumerate(files["peft"][1:], start=1):
+            model.load_adapter(path, adapter_name=f"t{t}")
+    return model.eval()
+
+
+def forward(label: str, model: Any, x: torch.Tensor, files: dict[str, list[Path]], tasks: int) -> Callable[[], Any]:
+    """The timed call of a variant: one batch ``x`` through ``model`` (sample i -> task i % T)."""
+    routes = [f"t{i % tasks}" for i in range(x.shape[0])]
+    if label in ("bapat_mixed", "lora_mixed"):
+        def run():
+            with vpetl.route(model, routes):
+                return model(x)
+        return run
+    if label == "peft_mixed":
+        return lambda: model(x, adapter_names=routes)
+    if label in ("base_split", "bapat_swap_load", "bapat_swap_copy", "bapat_separate"):
+        params = dict(model.named_parameters()) if label == "bapat_swap_copy" else {}
+        stored = [{name: tensor.to(x.device) for name, tensor in safetensors.torch.load_file(path).items()}
+                  for path in files["bapat"]] if params else []
+
+        def run():
+            out = None
+            for t in range(tasks):
+                if label == "bapat_swap_load":
+                    vpetl.load_delta(model, files["bapat"][t])
+                elif params:
+                    for name, tensor in stored[t].items():
+                        params[name].copy_(tensor)
+                y = (model[t] if label == "bapat_separate" else model)(x[t::tasks])
+                out = y.new_empty((x.shape[0], *y.shape[1:])) if out is None else out
+                out[t::tasks] = y
+            return out
+        return run
+    return lambda: model(x)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def state_bytes(models: Any) -> dict[str, Any]:
+    """Bytes of the state dicts of ``models`` (one or a list), each storage counted once."""
+    seen: dict[int, int] = {}
+    naive = entries = 0
+    for model in models if isinstance(models, list) else [models]:
+        for tensor in model.state_dict().values():
+            size = tensor.numel() * tensor.element_size()
+            naive, entries = naive + size, entries + 1
+            seen[tensor.data_ptr()] = max(seen.get(tensor.data_ptr(), 0), size)
+    return {"bytes": sum(seen.values()), "naive_bytes": naive, "tensors": entries, "shared": entries - len(seen)}
+
+
+def file_tensor_bytes(path: Path) -> int:
+    target = path / "adapter_model.safetensors" if path.is_dir() else path
+    return sum(t.numel() * t.element_size() for t in safetensors.torch.load_file(target).values())
+
+
+def _resident() -> tuple[int, int]:
+    """(VmRSS, RssFile) in bytes: the file-backed part is memory-mapped files (e.g. safetensors)."""
+    return _status_kib("VmRSS") * 1024, _status_kib("RssFile") * 1024
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def _trim() -> None:
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def rss_worker(job: dict[str, Any]) -> dict[str, Any]:
+    """In a fresh process: build one variant, report what building it and one forward add."""
+    args = argparse.Namespace(**job["args"])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    files = {k: [Path(p) for p in v] for k, v in job["files"].items()}
+    cuda = args.device.startswith("cuda")
+    x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(1)).to(args.device)
+    _trim()
+    before, file_before = (torch.cuda.memory_allocated(), 0) if cuda else _resident()
+    base = build_base(args)
+    model = build(job["label"], base, files)
+    del base
+    run = forward(job["label"], model, x, files, args.tasks)
+    _trim()
+    built, file_built = (torch.cuda.memory_allocated(), 0) if cuda else _resident()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    with torch.inference_mode():
+        run()
+    peak = torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") * 1024
+    return {"built_bytes": built - before, "built_file_backed_bytes": file_built - file_before,
+            "forward_peak_bytes": peak - built,
+            "kind": "cuda memory_allocated" if cuda else "RSS (VmRSS, VmHWM)"}
+
+
+def _rss_entry(job: dict[str, Any], queue) -> None:
+    try:
+        queue.put(("ok", rss_worker(job)))
+    except BaseException as error:  # noqa: BLE001 (report, do not hang the parent)
+        import traceback
+
+        queue.put(("error", f"{error!r}\n{traceback.format_exc()}"))
+
+
+def measure_rss(args: argparse.Namespace, files: dict[str, list[Path]]) -> dict[str, Any]:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "timm", "vpetl", "peft"])
+    out = {}
+    for label in RSS_LABELS:
+        job = {"label": label, "args": vars(args), "files": {k: [str(p) for p in v] for k, v in files.items()}}
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_rss_entry, args=(job, queue))
+        proc.start()
+        while True:
+            try:
+                status, payload = queue.get(timeout=5)
+                break
+            except Empty:
+                if not proc.is_alive():
+                    raise RuntimeError(f"memory worker {label} exited with code {proc.exitcode}") from None
+        proc.join()
+        if status != "ok":
+            raise RuntimeError(f"memory worker {label} failed:\n{payload}")
+        out[label] = payload
+    return out
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _timed(fn: Callable[[], Any], device: str) -> tuple[float, float]:
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    wall, cpu = time.perf_counter(), time.thread_time()
+    fn()
+    sync()
+    return time.perf_counter() - wall, time.thread_time() - cpu
+
+
+def interleaved(runs: dict[str, Callable[[], Any]], repeats: int, device: str) -> dict[str, dict[str, list[float]]]:
+    """``repeats`` rounds of every variant, the order rotating by one each round."""
+    labels = list(runs)
+    times = {label: {"wall": [], "cpu": []} for label in labels}
+    for r in range(repeats):
+        for label in labels[r % len(labels):] + labels[: r % len(labels)]:
+            wall, cpu = _timed(runs[label], device)
+            times[label]["wall"].append(wall)
+            times[label]["cpu"].append(cpu)
+            print(f"  round {r + 1}/{repeats} {label:16s} {1e3 * cpu:8.0f} ms cpu {1e3 * wall:8.0f} ms wall", flush=True)
+    return times
+
+
+def ratio(samples: list[float], reference: list[float]) -> dict[str, float]:
+    per_round = [a / b for a, b in zip(samples, reference)]
+    return {"median": statistics.median(per_round), "min": min(per_round), "max": max(per_round)}
+
+
+class OtherLoad:
+    """CPU used by other processes while we measured (system busy - ours) / wall, in cores."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.psutil, self.t0, self.load0 = psutil, time.monotonic(), os.getloadavg()
+        self.busy0, self.own0 = self._busy(), self._own()
+
+    def _busy(self) -> float:
+        t = self.psutil.cpu_times()
+        return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
+
+    def _own(self) -> float:
+        t = self.psutil.Process().cpu_times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def report(self) -> dict[str, Any]:
+        wall = time.monotonic() - self.t0
+        other = (self._busy() - self.busy0) - (self._own() - self.own0)
+        return {"wall_s": round(wall, 1), "other_processes_cores": round(max(other, 0.0) / wall, 2),
+                "loadavg_start": round(self.load0[0], 2), "loadavg_end": round(os.getloadavg()[0], 2)}
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="vpetl-multitask-"))
+    base = build_base(args)
+    files = write_deltas(base, args, workdir)
+    x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(1)).to(args.device)
+    result: dict[str, Any] = {}
+    if not args.no_rss:  # first, while this process holds few models (the workers fork from the forkserver)
+        print("memory: one fresh process per variant", flush=True)
+        result["rss"] = measure_rss(args, files)
+
+    build_s, models, runs = {}, {}, {}
+    for label in TIME_LABELS:
+        start = time.perf_counter()
+        models[label] = build(label, base, files)
+        build_s[label] = time.perf_counter() - start
+        runs[label] = forward(label, models[label], x, files, args.tasks)
+    result["build_s"] = build_s
+
+    # correctness: every sample of a mixed batch against its own task run alone (the warm-up round)
+    with torch.inference_mode():
+        outs = {label: run() for label, run in runs.items()}
+        check = {label: (outs[label] - outs["bapat_separate"]).abs().max().item()
+                 for label in ("bapat_mixed", "bapat_swap_load", "bapat_swap_copy")}
+        lora, peft_model = models["lora_single"], models["peft_mixed"]
+        lora_alone, peft_alone = torch.empty_like(outs["lora_mixed"]), torch.empty_like(outs["peft_mixed"])
+        for t in range(args.tasks):
+            vpetl.load_delta(lora, files["lora"][t])
+            lora_alone[t::args.tasks] = lora(x[t::args.tasks])
+            peft_model.set_adapter(f"t{t}")
+            peft_alone[t::args.tasks] = peft_model(x[t::args.tasks])
+        vpetl.load_delta(lora, files["lora"][0])
+        peft_model.set_adapter("t0")
+        check["lora_mixed"] = (outs["lora_mixed"] - lora_alone).abs().max().item()
+        check["peft_mixed"] = (outs["peft_mixed"] - peft_alone).abs().max().item()
+        check["bapat_mixed_vs_base"] = (outs["bapat_mixed"] - outs["base"]).abs().max().item()
+    result["max_abs_diff_vs_alone"] = check
+    del outs
+
+    print(f"timing: {args.repeats} interleaved rounds of {len(runs)} variants", flush=True)
+    load = OtherLoad()
+    with torch.inference_mode():
+        times = interleaved(runs, args.repeats, args.device)
+    result["contention"] = load.report()
+    result["raw_times_s"] = times
+
+    clock = "cpu" if args.device == "cpu" and torch.get_num_threads() == 1 else "wall"
+    t = {label: v[clock] for label, v in times.items()}
+    result["clock"] = clock
+    result["ms"] = {label: 1e3 * statistics.median(v) for label, v in t.items()}
+    result["vs_bapat_single"] = {label: ratio(t[label], t["bapat_single"]) for label in BAPAT_LABELS}
+    result["mixed_vs"] = {label: ratio(t["bapat_mixed"], t[label])
+                          for label in ("bapat_swap_load", "bapat_swap_copy", "bapat_separate")}
+    result["decomposition"] = {  # what smaller batches alone change, and the branches' cost at each size
+        "base_split/base": ratio(t["base_split"], t["base"]),
+        "bapat_single/base": ratio(t["bapat_single"], t["base"]),
+        "bapat_separate/base_split": ratio(t["bapat_separate"], t["base_split"]),
+        "bapat_mixed/base": ratio(t["bapat_mixed"], t["base"]),
+    }
+    result["lora_vs"] = {
+        "lora_mixed/peft_mixed": ratio(t["lora_mixed"], t["peft_mixed"]),
+        "lora_mixed/lora_single": ratio(t["lora_mixed"], t["lora_single"]),
+        "peft_mixed/peft_single": ratio(t["peft_mixed"], t["peft_single"]),
+        "lora_single/peft_single": ratio(t["lora_single"], t["peft_single"]),
+        "lora_single/base": ratio(t["lora_single"], t["base"]),
+    }
+    if args.device == "cpu":  # the wall-clock ratio of the headline, for comparison
+        result["bapat_mixed/bapat_single_wall"] = ratio(times["bapat_mixed"]["wall"], times["bapat_single"]["wall"])
+
+    delta = {family: file_tensor_bytes(paths[0]) for family, paths in files.items()}
+    mem = {label: state_bytes(models[label]) for label in RSS_LABELS}
+    result["memory"] = {"state_dict": mem, "delta_tensor_bytes": delta,
+                        "delta_file_bytes": {f: (p[0] / "adapter_model.safetensors" if p[0].is_dir() else p[0]).stat().st_size
+                                             for f, p in files.items()}}
+    base_b = mem["base"]["bytes"]
+    for family in ("bapat", "lora", "peft"):
+        budget = base_b + args.tasks * delta[family]
+        result["memory"][f"{family}_budget_bytes"] = budget
+        result["memory"][f"{family}_mixed_vs_budget"] = mem[f"{family}_mixed"]["bytes"] / budget
+    result["memory"]["bapat_mixed_vs_separate"] = mem["bapat_mixed"]["bytes"] / mem["bapat_separate"]["bytes"]
+    result["memory"]["lora_mixed_vs_peft_mixed"] = mem["lora_mixed"]["bytes"] / mem["peft_mixed"]["bytes"]
+    result["targets"] = targets(result, args)
+    return result
+
+
+def targets(res: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+    m = res["memory"]
+    r = res["vs_bapat_single"]["bapat_mixed"]
+    rows = [
+        ("(a) mixed batch / (b) single task <= 1.15", r, r["median"] <= 1.15),
+        ("(a) mixed batch faster than (c) swapping with load_delta: (a)/(c) < 1", res["mixed_vs"]["bapat_swap_load"],
+         res["mixed_vs"]["bapat_swap_load"]["median"] < 1),
+        ("(a) mixed batch faster than (c') swapping with copy_: (a)/(c') < 1", res["mixed_vs"]["bapat_swap_copy"],
+         res["mixed_vs"]["bapat_swap_copy"]["median"] < 1),
+        ("(a) mixed batch faster than (d) separate models: (a)/(d) < 1", res["mixed_vs"]["bapat_separate"],
+         res["mixed_vs"]["bapat_separate"]["median"] < 1),
+        (f"memory, {args.tasks} BAPAT-64 tasks <= 1.10 x (base + {args.tasks} x delta)",
+         {"median": m["bapat_mixed_vs_budget"]}, m["bapat_mixed_vs_budget"] <= 1.10),
+        (f"memory, {args.tasks} LoRA-16 tasks <= 1.10 x (base + {args.tasks} x delta)",
+         {"median": m["lora_mixed_vs_budget"]}, m["lora_mixed_vs_budget"] <= 1.10),
+        ("vpetl LoRA-16 mixed batch <= PEFT LoRA-16 mixed batch (time)", res["lora_vs"]["lora_mixed/peft_mixed"],
+         res["lora_vs"]["lora_mixed/peft_mixed"]["median"] <= 1),
+        ("vpetl LoRA-16 mixed model <= PEFT mixed model (memory)", {"median": m["lora_mixed_vs_peft_mixed"]},
+         m["lora_mixed_vs_peft_mixed"] <= 1),
+    ]
+    out = []
+    for name, value, ok in rows:
+        straddles = "min" in value and (value["min"] <= (1.15 if "1.15" in name else 1.0) <= value["max"])
+        out.append({"target": name, "measured": value, "pass": bool(ok), "range_straddles_limit": bool(straddles)})
+    return out
+
+
+# --------------------------------------------------------------------------- output
+
+
+def metadata(args: argparse.Namespace) -> dict[str, Any]:
+    import peft
+
+    spec = importlib.util.spec_from_file_location("_vpetl_bench_provenance", Path(__file__).with_name("provenance.py"))
+    provenance = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(provenance)
+    cuda = args.device.startswith("cuda")
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "cpu_threads": torch.get_num_threads(), "device": args.device,
+        "device_name": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__, "timm": timm.__version__, "peft": peft.__version__, "vpetl": vpetl.__version__,
+        "python": platform.python_version(),
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "command": " ".join(["python benchmarks/multitask.py", *sys.argv[1:]]),
+        **provenance.git_state(),
+    }
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def _r(v: dict[str, float]) -> str:
+    return f"{v['median']:.3f} [{v['min']:.2f}-{v['max']:.2f}]" if "min" in v else f"{v['median']:.3f}"
+
+
+def markdown(meta: dict[str, Any], res: dict[str, Any]) -> str:
+    s, c, T = meta["settings"], res["contention"], meta["settings"]["tasks"]
+    clock = "the main thread's CPU time (`time.thread_time`), one torch thread" if res["clock"] == "cpu" else \
+        "wall-clock" + (", CUDA-synchronised" if meta["device"].startswith("cuda") else "")
+    lines = [
+        f"# Many tasks on one backbone: mixed batch vs the alternatives ({meta['device_name']})", "",
+        (f"{meta['date']}, torch {meta['torch']}, timm {meta['timm']}, peft {meta['peft']}, vpetl {meta['vpetl']} at "
+        f"{meta['git_commit']}{' + uncommitted ' + ', '.join(meta['src_uncommitted']) if meta['src_uncommitted'] else ''}, "
+        f"Python {meta['python']}, {meta['processor']}, {meta['cpu_count']} cores. `{meta['command']}`"), "",
+        (f"`{s['model']}`{' (quick: 2 blocks)' if s['quick'] else ''}, seeded random weights, {NUM_CLASSES} classes, "
+        f"batch {s['batch']} at {s['size']} px, eval + `inference_mode`; {T} tasks, sample i -> task i % {T} "
+        f"({s['batch'] // T} samples each). Times: {clock}; medians over {s['repeats']} interleaved rounds "
+        f"(after one warm-up round); ratios are medians of per-round ratios, `[min-max]` their range. Other "
+        f"processes used {c['other_processes_cores']} cores on average while timing (load average "
+        f"{c['loadavg_start']} -> {c['loadavg_end']}, {c['wall_s']:.0f} s)."), "",
+        "## Time, BAPAT-64", "",
+        "| variant | ms / batch | / (b) [min-max] | (a) / this [min-max] |", "|---|---:|---:|---:|",
+    ]
+    for label in BAPAT_LABELS:
+        mixed = res["mixed_vs"].get(label)
+        lines.append(f"| {DESCRIBE[label]} | {res['ms'][label]:.0f} | {_r(res['vs_bapat_single'][label])} | "
+                     f"{_r(mixed) if mixed else '-'} |")
+    dec = res["decomposition"]
+    split, branch_b, branch_s = (dec[k]["median"] for k in ("base_split/base", "bapat_single/base",
+                                                              "bapat_separate/base_split"))
+    lines += ["", "| ratio | median [min-max] |", "|---|---:|"]
+    lines += [f"| {name} | {_r(v)} |" for name, v in dec.items()]
+    lines += ["", (f"What this means: the plain base run as {T} sub-batches of {s['batch'] // T} costs {split:.3f} of one "
+              f"batch of {s['batch']} on this {'machine' if meta['device'] == 'cpu' else 'device'} "
+              f"({'smaller batches are cheaper per sample here' if split < 1 else 'one large batch is cheaper per sample here'}"
+              f"). (c) and (d) get that for free, (a) and (b) do not. BAPAT-64 costs {branch_b:.3f} of the base at batch "
+              f"{s['batch']} and {branch_s:.3f} at {s['batch'] // T}; (a) / (b) = "
+              f"{res['vs_bapat_single']['bapat_mixed']['median']:.3f} is what routing {T} tasks in one batch adds "
+              "(gathering each task's rows, its branch on them, scattering back; the heads per task).")]
+    lines += ["", "## Time, LoRA-16 vs PEFT", "",
+              ("vpetl puts rank-16 pairs on the q and v slots of the fused qkv, PEFT on the whole qkv Linear: the same "
+              "parameter count and FLOPs per token, different placement. Both train the head. PEFT's `adapter_names` "
+              "works on the timm model: `PeftModel.forward` pops it and registers forward pre-hooks on its LoRA layers "
+              "and on the `modules_to_save` head wrapper, which split the batch by adapter; the timm forward never sees it."),
+              "",
+              "| variant | ms / batch |", "|---|---:|"]
+    lines += [f"| {DESCRIBE[label]} | {res['ms'][label]:.0f} |" for label in LORA_LABELS]
+    lines += ["", "| ratio | median [min-max] |", "|---|---:|"]
+    lines += [f"| {name} | {_r(v)} |" for name, v in res["lora_vs"].items()]
+    m = res["memory"]
+    rss = res.get("rss", {})
+    lines += ["", "## Memory", "",
+              f"State dict bytes, each storage counted once (`shared`: entries that repeat a storage). Delta tensor "
+              f"bytes per task: BAPAT-64 {_mb(m['delta_tensor_bytes']['bapat'])} MB, LoRA-16 "
+              f"{_mb(m['delta_tensor_bytes']['lora'])} MB, PEFT {_mb(m['delta_tensor_bytes']['peft'])} MB "
+              f"(files: {', '.join(f'{k} {_mb(v)} MB' for k, v in m['delta_file_bytes'].items())})."
+              + (" RSS columns: one fresh process per model, the resident-set increase of building it and the "
+                 "peak increase during one forward of the batch." if rss else ""), "",
+              ("| model | state dict MB | shared | / (base + T x delta) | built (RSS) MB | of which file-backed MB "
+              "| forward peak MB |"),
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for label in RSS_LABELS:
+        sd, family = m["state_dict"][label], label.split("_")[0]
+        budget = f"{sd['bytes'] / m[family + '_budget_bytes']:.3f}" if label.endswith("mixed") else "-"
+        r = rss.get(label)
+        lines.append(f"| {label}{' (x' + str(T) + ')' if label == 'bapat_separate' else ''} | {_mb(sd['bytes'])} | "
+                     f"{sd['shared']} | {budget} | {_mb(r['built_bytes']) if r else '-'} | "
+                     f"{_mb(r['built_file_backed_bytes']) if r else '-'} | "
+                     f"{_mb(r['forward_peak_bytes']) if r else '-'} |")
+    lines += ["", (f"{T} BAPAT tasks in one model: {m['bapat_mixed_vs_separate']:.3f} of {T} separate models' bytes. "
+              f"vpetl LoRA mixed / PEFT mixed bytes: {m['lora_mixed_vs_peft_mixed']:.3f}.")]
+    if rss:
+        over = rss["bapat_mixed"]["built_bytes"] - rss["base"]["built_bytes"]
+        files = rss["bapat_mixed"]["built_file_backed_bytes"] - rss["bapat_separate"]["built_file_backed_bytes"]
+        lines[-1] += (f" Resident, the {T} BAPAT tasks add {_mb(over)} MB over the base's process against "
+                      f"{_mb(T * m['delta_tensor_bytes']['bapat'])} MB of delta tensors; their file-backed part is "
+                      f"{_mb(files)} MB above that of the {T} separate models (which load the same {T} files and run "
+                      "the same code): delta files still memory-mapped after `load_delta(..., task=)`.")
+    lines += ["", "## Targets", "", "| target | measured [min-max] | |", "|---|---:|---|"]
+    for t in res["targets"]:
+        verdict = "pass" if t["pass"] else "**miss**"
+        if t["range_straddles_limit"]:
+            verdict += " (the range straddles the limit)"
+        lines.append(f"| {t['target']} | {_r(t['measured'])} | {verdict} |")
+    d = res["max_abs_diff_vs_alone"]
+    lines += ["", "Correctness (max abs difference of the mixed batch's logits against the same samples run alone "
+              "through their task): " + ", ".join(f"{k} {v:.1e}" for k, v in d.items()) + " (`bapat_mixed_vs_base`: "
+              "how much the perturbed deltas change the output).", "",
+              "Build times (s): " + ", ".join(f"{k} {v:.2f}" for k, v in res["build_s"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(meta: dict[str, Any], res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [5, 4, 5]})
+    for ax, items, title, ref in (
+        (ax1, [(k.replace("bapat_", ""), res["vs_bapat_single"][k]) for k in BAPAT_LABELS],
+         "BAPAT-64: time / (b) single task", 1.15),
+        (ax2, [(k.replace("/", "\n/ "), v) for k, v in res["lora_vs"].items() if "base" not in k],
+         "LoRA-16: time ratios (target: the first <= 1)", 1.0),
+    ):
+        names, med = [n for n, _ in items], [v["median"] for _, v in items]
+        err = [[v["median"] - v["min"] for _, v in items], [v["max"] - v["median"] for _, v in items]]
+        colours = ["tab:purple" if "mixed" in n else "tab:grey" for n in names]
+        ax.bar(names, med, yerr=err, capsize=4, color=colours)
+        ax.axhline(ref, color="red", lw=0.8, ls="--", label=f"target {ref}")
+        ax.axhline(1.0, color="black", lw=0.6, ls=":")
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="x", labelsize=7, rotation=30)
+        ax.legend(fontsize=7)
+    m, T = res["memory"], meta["settings"]["tasks"]
+    labels = ["base", "bapat_single", "bapat_mixed", "bapat_budget", "bapat_separate", "lora_mixed", "peft_mixed"]
+    values = [m[f"{label.split('_')[0]}_budget_bytes"] if label.endswith("budget") else m["state_dict"][label]["bytes"]
+              for label in labels]
+    ax3.bar([n.replace("budget", f"base+{T}xdelta").replace("separate", f"separate x{T}") for n in labels],
+            [v / 2**20 for v in values], color=["grey", "grey", "tab:purple", "white", "tab:grey", "tab:orange",
+                                                "tab:red"], edgecolor="black")
+    ax3.set_ylabel("state dict MB")
+    ax3.set_title(f"memory, {T} tasks", fontsize=10)
+    ax3.tick_params(axis="x", labelsize=7, rotation=30)
+    fig.suptitle(f"vpetl many tasks on one backbone, {meta['settings']['model']} b{meta['settings']['batch']}, "
+                 f"{meta['device_name']}, {meta['date'][:10]}, {res['clock']} clock", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("Usage:")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:n] (default cpu)")
+    parser.add_argument("--model", default="vit_small_patch16_224", help="a timm ViT (default vit_small_patch16_224)")
+    parser.add_argument("--repeats", type=int, help="timed interleaved rounds (default 7; --quick 2)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default 1 on CPU; 0: torch's default)")
+    parser.add_argument("--tasks", type=int, default=8, help="tasks (default 8)")
+    parser.add_argument("--batch", type=int, help="batch size, a multiple of --tasks (default 32; --quick 16)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (2 blocks, 32 px): a smoke test in seconds")
+    parser.add_argument("--no-rss", action="store_true", help="skip the fresh-process memory measurement")
+    parser.add_argument("--render", metavar="JSON", help="only rewrite the .md and .png next to a results JSON")
+    parser.add_argument("--out", help="output stem (default benchmarks/results/multitask_<device>; --quick: temp folder)")
+    args = parser.parse_args(argv)
+    args.repeats = args.repeats or (2 if args.quick else 7)
+    args.batch = args.batch or (16 if args.quick else 32)
+    args.size = 32 if args.quick else 224
+    args.threads = (1 if args.device == "cpu" else 0) if args.threads is None else args.threads
+    if args.batch % args.tasks:
+        parser.error(f"--batch {args.batch} is not a multiple of --tasks {args.tasks}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.render:
+        data, stem = json.loads(Path(args.render).read_text()), Path(args.render).with_suffix("")
+        stem.with_suffix(".md").write_text(markdown(data["meta"], data["result"]))
+        plot(data["meta"], data["result"], stem.with_suffix(".png"))
+        print(f"wrote {stem}.md, .png")
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    start = time.perf_counter()
+    meta = metadata(args)
+    result = measure(args)
+    meta["wall_s"] = round(time.perf_counter() - start, 1)
+    default = Path(tempfile.gettempdir()) / "vpetl_multitask_quick" if args.quick else RESULTS
+    stem = Path(args.out) if args.out else default / f"multitask_{args.device.split(':')[0]}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "result": result}, indent=2) + "\n")
+    text = markdown(meta, result)
+    stem.with_suffix(".md").write_text(text)
+    plot(meta, result, stem.with_suffix(".png"))
+    print(text)
+    print(f"wrote {stem}.json, .md, .png ({meta['wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
