@@ -49,3 +49,9 @@ def tiny_hf_vit(num_classes: int = 10, seed: int = 0) -> torch.nn.Module:
     config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
                                     num_attention_heads=2, intermediate_size=64, num_labels=num_classes)
     return transformers.ViTForImageClassification(config).eval()
+
+
+def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` as a tensor: HF models return an output object holding ``.logits``."""
+    out = model(x)
+    return out.logits if hasattr(out, "logits") else out

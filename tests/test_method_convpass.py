@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import tiny_hf_vit, tiny_swin3d, tiny_vit
+from conftest import logits, tiny_hf_vit, tiny_swin3d, tiny_vit
 from torch import nn
 
 import vpetl
@@ -30,10 +30,6 @@ def tv_vit() -> nn.Module:
 
 BUILDERS = {"timm": tiny_vit, "hf": tiny_hf_vit, "torchvision": tv_vit}
 
-
-def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model(x)
-    return out.logits if hasattr(out, "logits") else out
 
 
 def perturb(module: nn.Module, seed: int = 0, std: float = 0.1) -> None:

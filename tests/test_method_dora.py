@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import tiny_hf_vit, tiny_swin3d, tiny_vit
+from conftest import logits, tiny_hf_vit, tiny_swin3d, tiny_vit
 from torch import nn
 
 import vpetl
@@ -115,10 +115,6 @@ MODELS = {
 }
 
 
-def _out(model, x):
-    out = model(x)
-    return out.logits if hasattr(out, "logits") else out
-
 
 @pytest.mark.parametrize("family", list(MODELS))
 def test_forward_backward_and_exact_merge(family):
@@ -131,23 +127,23 @@ def test_forward_backward_and_exact_merge(family):
     per_block = 3 if family == "hf_vit" else 1  # HF: query, key and value are three Linears
     assert len(branches_of(model)) == len(dora) // 3 == (per_block + 3) * (4 if family == "swin3d" else 2)
     _perturb(model)
-    _out(model, x).square().mean().backward()
+    logits(model, x).square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in dora.values())
     assert all(not p.requires_grad for n, p in model.named_parameters() if "vpetl" not in n and "head" not in n
                and "classifier" not in n)
     with torch.no_grad():
-        expected = _out(model, x)
+        expected = logits(model, x)
         # the hand-made plain model: every adapted weight replaced by W'
         ref = copy.deepcopy(plain)
         for path, branch in branches_of(model).items():
             linear = ref.get_submodule(path.rpartition(".")[0])
             linear.weight.copy_(_hand(linear.weight, branch.magnitude, branch.down.weight, branch.up.weight, 2.0))
-        torch.testing.assert_close(_out(ref, x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits(ref, x), expected, rtol=1e-5, atol=1e-5)
     vpetl.merge(model)
     assert model.state_dict().keys() == plain.state_dict().keys()
     assert {n: type(m) for n, m in model.named_modules()} == {n: type(m) for n, m in plain.named_modules()}
     with torch.no_grad():
-        torch.testing.assert_close(_out(model, x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits(model, x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_merge_of_slots_is_exact(images):
@@ -197,8 +193,8 @@ def test_composes_with_patt_on_the_same_qkv(family):
     vpetl.inject(ref, [vpetl.PATT(d_bottle=4)])
     ref.load_state_dict({**ref.state_dict(), **patt})
     with torch.no_grad():
-        torch.testing.assert_close(_out(model, x), _out(ref, x), rtol=1e-5, atol=1e-5)
-    _out(model, x).square().mean().backward()
+        torch.testing.assert_close(logits(model, x), logits(ref, x), rtol=1e-5, atol=1e-5)
+    logits(model, x).square().mean().backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if ".vpetl_dora." in n)
     vpetl.unload(model)
     assert model.state_dict().keys() == plain.state_dict().keys()

@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import tiny_hf_vit, tiny_swin3d, tiny_vit
+from conftest import logits, tiny_hf_vit, tiny_swin3d, tiny_vit
 from torch import nn
 
 import vpetl
@@ -151,10 +151,6 @@ MODELS = {
 }
 
 
-def _out(model, x):
-    out = model(x)
-    return out.logits if hasattr(out, "logits") else out
-
 
 @pytest.mark.parametrize("family", list(MODELS))
 def test_hand_reference_merge_and_keys(family):
@@ -166,13 +162,13 @@ def test_hand_reference_merge_and_keys(family):
     assert any(t.__name__ == "VpetlLoraLinear" for t in kinds)
     _perturb(model)
     with torch.no_grad():
-        out = _out(model, x)
-        torch.testing.assert_close(out, _out(_hand_merged(plain, model).eval(), x), rtol=1e-5, atol=1e-5)
+        out = logits(model, x)
+        torch.testing.assert_close(out, logits(_hand_merged(plain, model).eval(), x), rtol=1e-5, atol=1e-5)
     vpetl.merge(model)
     assert model.state_dict().keys() == plain.state_dict().keys()
     assert {n: type(m) for n, m in model.named_modules()} == {n: type(m) for n, m in plain.named_modules()}
     with torch.no_grad():
-        torch.testing.assert_close(_out(model, x), out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits(model, x), out, rtol=1e-5, atol=1e-5)
 
 
 def test_gradients_reach_every_linear_branch():

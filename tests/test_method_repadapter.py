@@ -8,7 +8,7 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import tiny_hf_vit, tiny_swin3d, tiny_vit
+from conftest import logits, tiny_hf_vit, tiny_swin3d, tiny_vit
 from torch import nn
 
 import vpetl
@@ -18,10 +18,6 @@ from vpetl.record import get_record
 IMAGES = {"timm": (2, 3, 32, 32), "swin3d": (2, 3, 4, 32, 32), "hf": (2, 3, 32, 32)}
 BUILDERS = {"timm": tiny_vit, "swin3d": tiny_swin3d, "hf": tiny_hf_vit}
 
-
-def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model(x)
-    return out.logits if hasattr(out, "logits") else out
 
 
 def perturb(model: nn.Module, seed: int = 0, std: float = 0.1) -> None:
