@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import scripting
-from .options import Activation
+from .options import Activation, Kernel
 from .tracing import plain_path, raise_not_scriptable
 
 if TYPE_CHECKING:
@@ -108,6 +108,13 @@ class ProjectionBranch(Branch):
 
     def bias_for(self, letter: str) -> Tensor | None:
         """The constant this branch adds to slot ``letter`` (already scaled), or None."""
+        return None
+
+    def fused_projection(self, x2d: Tensor, weight: Tensor, bias: Tensor | None, layout: "SlotLayout",
+                         kernel: Kernel) -> Tensor | None:
+        """The whole projection ``x W^T + b`` with this branch added, ``(M, N)``, computed as one
+        fused op; None (the default) when this branch does not do that here, and the caller adds
+        it with :meth:`add_into_`. Asked of the first branch of a projection."""
         return None
 
     def plain_delta(self, x: Tensor, layout: "SlotLayout", out_features: int) -> Tensor:

@@ -132,6 +132,12 @@ def project(
         fused = _single_patt(x2d, weight, bias, layout, branches[0], kernel)
         if fused is not None:
             return fused.view(*x.shape[:-1], weight.shape[0])
+    if branches:  # a branch computing the whole projection itself (the grouped PATT of routed tasks)
+        fused = branches[0].fused_projection(x2d, weight, bias, layout, kernel)
+        if fused is not None:
+            slots = OutputSlots(fused, layout)
+            _add_branches(x, x2d, slots, branches[1:], _folded_bias(None, layout, branches[1:], weight.shape[0])[1])
+            return fused.view(*x.shape[:-1], weight.shape[0])
     return project_generic(x, weight, bias, layout, branches)
 
 
@@ -155,13 +161,19 @@ def project_generic(
     x2d = x.reshape(-1, x.shape[-1])
     bias, unfolded = _folded_bias(bias, layout, branches, weight.shape[0])
     out2d = F.linear(x2d, weight, bias)
-    slots = OutputSlots(out2d, layout)
+    _add_branches(x, x2d, OutputSlots(out2d, layout), branches, unfolded)
+    return out2d.view(*x.shape[:-1], weight.shape[0])
+
+
+def _add_branches(x: Tensor, x2d: Tensor, slots: OutputSlots, branches: list[ProjectionBranch],
+                  constants: list[tuple[str, Tensor]]) -> None:
+    """Every branch's matmul part added into ``slots`` in place, then the ``(letter, term)``
+    constants that were not folded into the bias."""
     for branch in branches:
         branch.add_into_(x, x2d, slots)
-    for letter, term in unfolded:
+    for letter, term in constants:
         view = slots.view(letter)
         view.add_(term.to(view.dtype).view(view.shape[1:]))
-    return out2d.view(*x.shape[:-1], weight.shape[0])
 
 
 def _single_patt(x2d: Tensor, weight: Tensor, bias: Tensor | None, layout: SlotLayout, branch,
@@ -197,7 +209,7 @@ def _single_patt(x2d: Tensor, weight: Tensor, bias: Tensor | None, layout: SlotL
     branch._mark_called()
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         if triton:
-            return ops.patt_project(*tensors, _slot_map(ops, layout, weight.shape[0], branch, x2d.device), scale, act)
+            return ops.patt_project(*tensors, slot_map(ops, layout, weight.shape[0], branch, x2d.device), scale, act)
         runs = _runs(layout, branch)
         return torch_path.patt_project_torch(*tensors, layout, runs, scale, act)
 
@@ -221,7 +233,7 @@ def _runs(layout: SlotLayout, branch) -> list[tuple[str, slice]]:
 _SLOT_MAPS: dict = {}
 
 
-def _slot_map(ops, layout: SlotLayout, out_features: int, branch, device: torch.device):
+def slot_map(ops, layout: SlotLayout, out_features: int, branch, device: torch.device):
     """Which output column each up-projection row feeds (and back), cached per layout."""
     key = (layout, out_features, tuple((c, s.start, s.stop) for c, s in branch._rows.items()), device)
     found = _SLOT_MAPS.get(key)
@@ -270,7 +282,7 @@ def _run_self_test(ops, device: torch.device, dtype: torch.dtype, activation: st
     shapes = [(40, 32), (96, 32), (96,), (16, 32), (16,), (64, 16), (64,)]
     args = [(torch.randn(s, generator=gen) * 0.5).to(device=device, dtype=dtype).requires_grad_() for s in shapes]
     fake_branch = type("Rows", (), {"_rows": {"k": slice(0, 32), "v": slice(32, 64)}})()
-    out = ops.patt_project(*args, _slot_map(ops, SlotLayout("qkv"), 96, fake_branch, device), 0.8, activation)
+    out = ops.patt_project(*args, slot_map(ops, SlotLayout("qkv"), 96, fake_branch, device), 0.8, activation)
     grads = torch.autograd.grad(out.float().square().sum(), args)
     leaves = [a.detach().float().requires_grad_() for a in args]
     ref = patt_reference(*leaves, 0.8, "kv", "qkv", 0, activation)

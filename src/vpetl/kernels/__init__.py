@@ -146,6 +146,14 @@ def triton_ops() -> ModuleType:
     return patt_triton
 
 
+def grouped_ops() -> ModuleType:
+    """The grouped Triton kernels for many tasks' PATT on one projection (imported on first use)."""
+    from . import grouped_triton
+
+    return grouped_triton
+
+
 __all__ = [
-    "ENV_VAR", "configured", "disable_auto", "hooked", "interpreting", "triton_available", "triton_ops", "use_triton",
+    "ENV_VAR", "configured", "disable_auto", "grouped_ops", "hooked", "interpreting", "triton_available", "triton_ops",
+    "use_triton",
 ]

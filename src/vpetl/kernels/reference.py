@@ -76,3 +76,28 @@ def adapter_reference(
 ) -> Tensor:
     """``out + s * (act(x W_down^T + b_down) W_up^T + b_up)``, all ``(M, .)``."""
     return out + F.linear(_ACTS[activation](F.linear(x, down_weight, down_bias)), up_weight, up_bias) * scale
+
+
+def grouped_patt_reference(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    branches: list[tuple[Tensor, Tensor | None, Tensor, Tensor | None, float]],
+    task_of_row: list[int],
+    positions: str = "kv",
+    letters: str = "qkv",
+    heads: int = 0,
+    activation: str = "tanh",
+) -> Tensor:
+    """Every row ``m`` through :func:`patt_reference` with the branch ``branches[task_of_row[m]]``
+    (``(W_down, b_down, W_up, b_up, scale)``; task -1: the plain projection), one row at a time;
+    out of place and differentiable in every argument. Returns ``(M, N)``."""
+    rows = []
+    for m, t in enumerate(task_of_row):
+        if t < 0:
+            rows.append(F.linear(x[m : m + 1], weight, bias))
+        else:
+            down_w, down_b, up_w, up_b, scale = branches[t]
+            rows.append(patt_reference(x[m : m + 1], weight, bias, down_w, down_b, up_w, up_b, scale, positions,
+                                       letters, heads, activation))
+    return torch.cat(rows)
