@@ -6,11 +6,15 @@ with :mod:`vpetl.kernels.aot` and reads each cubin's registers per thread, stack
 the GPU and whether a configuration spills or cannot fit, not how fast they run
 (``benchmarks/kernels.py --device cuda`` does that, on a GPU).
 
+With ``--grouped``, the grouped kernels of many tasks' PATT on one projection instead (8 tasks,
+8 ViT-B images routed round-robin, every third on the plain base).
+
 Usage:
     python benchmarks/kernels_compile.py              # sm_90 (H100)
     python benchmarks/kernels_compile.py --arch 80    # sm_80 (A100)
     python benchmarks/kernels_compile.py --suffix _triton3.8   # another Triton release beside
-Writes benchmarks/results/kernels_compile_sm<arch><suffix>.json and .md.
+    python benchmarks/kernels_compile.py --grouped    # the grouped kernels
+Writes benchmarks/results/kernels_compile[_grouped]_sm<arch><suffix>.json and .md.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ def main() -> None:
     parser.add_argument("--arch", type=int, default=90, choices=sorted(aot.SHARED_LIMIT))
     parser.add_argument("--ranks", default="16,32,64,128,256", help="comma-separated PATT ranks")
     parser.add_argument("--suffix", default="", help="appended to the output name, e.g. _triton3.8 for another release")
+    parser.add_argument("--grouped", action="store_true", help="the grouped kernels (many tasks) instead")
     args = parser.parse_args()
     reason = aot.aot_supported()
     if reason:
@@ -46,7 +51,7 @@ def main() -> None:
     rows = []
     for dtype_name, dtype in DTYPES.items():
         for rank in (int(r) for r in args.ranks.split(",")):
-            for launch in aot.patt_launches(dtype, rank):
+            for launch in (aot.grouped_launches if args.grouped else aot.patt_launches)(dtype, rank):
                 for i, kwargs in enumerate(launch.variants()):
                     compiled = aot.compile_launch(launch, args.arch, i)
                     rows.append({
@@ -61,10 +66,12 @@ def main() -> None:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "target": f"sm_{args.arch}",
         "shared_limit_bytes": limit, "triton": triton.__version__, "torch": torch.__version__,
         "vpetl": vpetl.__version__, "python": platform.python_version(), "compiled_on": platform.machine(),
-        "problem": "PATT on K/V of a d=768 qkv projection, 394 tokens, forward + backward", **git_state(),
+        "problem": ("grouped PATT of 8 tasks on K/V of a d=768 qkv projection, 8 x 197 tokens, forward + backward"
+                    if args.grouped else "PATT on K/V of a d=768 qkv projection, 394 tokens, forward + backward"),
+        **git_state(),
     }
     RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"kernels_compile_sm{args.arch}{args.suffix}"  # the suffix may hold a dot: no with_suffix
+    stem = RESULTS / f"kernels_compile{'_grouped' if args.grouped else ''}_sm{args.arch}{args.suffix}"  # the suffix may hold a dot: no with_suffix
     Path(f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [
         f"# Triton kernels compiled for {meta['target']} (no GPU used)",

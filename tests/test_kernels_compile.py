@@ -1,4 +1,4 @@
-"""The Triton kernels compile for real NVIDIA GPUs (sm_90 H100, sm_80 A100) without one.
+"""The Triton kernels (single-task and grouped) compile for real NVIDIA GPUs (sm_90 H100, sm_80 A100) without one.
 
 ``test_kernels.py`` checks the arithmetic in Triton's interpreter; this module compiles every
 launch the real forward and backward make, to PTX and a cubin, with Triton's own argument
@@ -101,7 +101,29 @@ def test_fixed_tile_kernels_do_not_spill_kilobytes_on_a100(dtype, rank):
     _compile_all(launches, 80)
 
 
+GROUPED = ["_grouped_hidden_kernel", "_grouped_project_kernel", "_grouped_branch_bwd_kernel", "_grouped_dx_kernel"]
+
+
+@pytest.mark.parametrize("arch", [90, 80], ids=["sm90", "sm80"])
+@pytest.mark.parametrize("dtype, rank, act", [(torch.float32, 8, "tanh"), (torch.float32, 256, "tanh"),
+                                              (torch.bfloat16, 64, "tanh"), (torch.float16, 128, "gelu")])
+def test_grouped_patt_forward_and_backward_compile(arch, dtype, rank, act):
+    """The grouped kernels of 8 tasks (fixed tiles: the row block is the tile map's) build for
+    H100 and A100, fit their shared memory and do not spill kilobytes."""
+    launches = aot.grouped_launches(dtype, rank, act)
+    assert [launch.name for launch in launches] == GROUPED
+    assert launches[2].kwargs["FUSE_DW"] == (rank <= pt.FUSE_DW_MAX_RANK)
+    assert launches[0].kwargs["STORE_Z"] == (act == "gelu")
+    shared = _compile_all(launches, arch)
+    assert max(shared.values()) <= aot.SHARED_LIMIT[arch], shared
+
+
 def test_recording_leaves_the_kernels_launchable():
     aot.patt_launches(torch.float32, 16)
-    assert "run" not in vars(pt._hidden_kernel) and "run" not in vars(pt._branch_bwd_kernel)
+    aot.grouped_launches(torch.float32, 16, tasks=2, images=3, tokens=5, d=32)
+    from vpetl.kernels import grouped_triton as gt
+
+    kernels = (pt._hidden_kernel, pt._branch_bwd_kernel, gt._grouped_hidden_kernel, gt._grouped_project_kernel,
+               gt._grouped_branch_bwd_kernel, gt._grouped_dx_kernel)
+    assert all("run" not in vars(kernel) for kernel in kernels)
     assert pt._launcher.__module__ == pt.__name__

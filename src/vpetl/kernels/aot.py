@@ -4,7 +4,8 @@ The interpreter (``TRITON_INTERPRET=1``) checks the kernels' arithmetic but not 
 GPU compiler rejects: a ``tl.dot`` layout it cannot lower, a ptxas error, a tile configuration
 needing more shared memory than the device has. Triton compiles for a named target with the
 ptxas its wheel ships, so :func:`record_launches` runs the real forward and backward of
-:class:`~vpetl.kernels.patt_triton.PattProjection` / ``AdapterAdd`` with every kernel launch
+:class:`~vpetl.kernels.patt_triton.PattProjection` / ``AdapterAdd`` (and the grouped
+:class:`~vpetl.kernels.grouped_triton.GroupedPattProjection`) with every kernel launch
 recorded instead of run (on CPU tensors: nothing executes), and :func:`compile_launch` compiles
 one recorded launch to PTX and a cubin exactly as ``JITFunction.run`` would on that GPU
 (Triton's own argument specialisation: 16-byte alignment, stride-1 constants).
@@ -85,8 +86,9 @@ class Launch:
 
 @contextlib.contextmanager
 def record_launches() -> Iterator[list[Launch]]:
-    """Within the block, launches of the four kernels are appended to the yielded list and
-    not run (outputs stay uninitialised)."""
+    """Within the block, launches of the kernels (single-task and grouped) are appended to the
+    yielded list and not run (outputs stay uninitialised)."""
+    from . import grouped_triton as gt
     from . import patt_triton as pt
 
     launches: list[Launch] = []
@@ -108,7 +110,8 @@ def record_launches() -> Iterator[list[Launch]]:
                 recorder(self.kernel, pt.prune_configs(self.configs, named, self.column))(*args, **kwargs)
             return run
 
-    fixed = (pt._hidden_kernel, pt._branch_bwd_kernel)
+    fixed = (pt._hidden_kernel, pt._branch_bwd_kernel, gt._grouped_hidden_kernel, gt._grouped_project_kernel,
+             gt._grouped_branch_bwd_kernel, gt._grouped_dx_kernel)
     saved_launcher = pt._launcher
     for kernel in fixed:
         kernel.run = recorder(kernel)  # instance attribute shadows JITFunction.run
@@ -148,6 +151,29 @@ def adapter_launches(dtype: torch.dtype, rank: int, act: str = "relu", tokens: i
               torch.randn(d, rank, dtype=dtype), torch.randn(d, dtype=dtype)]
     with record_launches() as launches:
         out = pt.adapter_add(c, x, *[p.requires_grad_() for p in params], 0.1, act)
+        out.backward(torch.ones_like(out))
+    return launches
+
+
+def grouped_launches(dtype: torch.dtype, rank: int, act: str = "tanh", tasks: int = 8, images: int = 8,
+                     tokens: int = 197, d: int = 768) -> list[Launch]:
+    """Launches of the grouped PATT's forward and backward for ``tasks`` tasks on K/V of a
+    ``d``-wide qkv projection, ``images`` samples of ``tokens`` rows routed round-robin with
+    every third sample on the plain base (defaults: ViT-B, 8 tasks)."""
+    from . import grouped_triton as gt
+    from . import patt_triton as pt
+
+    x = torch.randn(images * tokens, d, dtype=dtype, requires_grad=True)
+    weight, bias = torch.randn(3 * d, d, dtype=dtype), torch.randn(3 * d, dtype=dtype)
+    params = [torch.randn(tasks, rank, d, dtype=dtype), torch.randn(tasks, rank, dtype=dtype),
+              torch.randn(tasks, 2 * d, rank, dtype=dtype), torch.randn(tasks, 2 * d, dtype=dtype)]
+    rows = torch.cat([torch.full((d,), -1), torch.arange(2 * d)]).to(torch.int32)
+    slots = pt.SlotMap(rows=rows, cols=torch.arange(d, 3 * d, dtype=torch.int32))
+    runs = [(-1 if i % 3 == 2 else i % tasks, i * tokens, (i + 1) * tokens) for i in range(images)]
+    seg = gt.segments(runs, tasks, 64, torch.device("cpu"))
+    scales = torch.full((tasks,), 0.8)
+    with record_launches() as launches:
+        out = gt.grouped_patt_project(x, weight, bias, *[p.requires_grad_() for p in params], scales, slots, seg, act)
         out.backward(torch.ones_like(out))
     return launches
 

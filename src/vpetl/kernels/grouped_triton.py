@@ -325,7 +325,9 @@ def _branch_backward(g, h, z, up_w, scales, slots: SlotMap, seg: Segments, act: 
     du = torch.zeros((T, P, R), device=h.device, dtype=torch.float32) if fuse_dw else None
     dbu = torch.zeros((T, P), device=h.device, dtype=torch.float32) if fuse_dw and need_bu else None
     BR = _pow2(R)
-    BP = 32 if _interpreting() or h.element_size() > 2 or BR > 64 else 64
+    # the row block is the tile map's (64 on a GPU); fp32 at r >= 64 holds dh and the dU partial
+    # in registers with a narrower column block (benchmarks/results/kernels_compile_grouped_sm*.md)
+    BP = 32 if _interpreting() else (16 if BR >= 64 else 32) if h.element_size() > 2 else (64 if BR <= 64 else 32)
     zz = z if z is not None else h
     _grouped_branch_bwd_kernel[(seg.task_tiles.shape[0],)](
         g, h, zz, up_w, slots.cols, scales, seg.task_tiles, dz, du if du is not None else dz,
