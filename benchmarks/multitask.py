@@ -12,6 +12,10 @@ order rotating each round; every ratio is the median over rounds of the per-roun
 
 * (a) ``bapat_mixed``: one model holding the T BAPAT-64 tasks (``load_delta(..., task=)``),
   ``with vpetl.route(model, routes): model(x)`` on the whole batch;
+* (a') ``bapat_mixed_sorted``: the same model, the batch reordered so each task's samples are
+  consecutive (every task's rows are then one slice: no gathers), the outputs put back in batch
+  order, both reorderings timed; (a'') ``bapat_mixed_triton``, CUDA only: (a) with
+  ``kernel="triton"``, the grouped PATT kernel (:mod:`vpetl.kernels.grouped_triton`);
 * (b) ``bapat_single``: one model with one BAPAT-64 injected (``vpetl.inject``), ``model(x)``;
 * (c) ``bapat_swap_load``: one injected BAPAT model; per task ``vpetl.load_delta`` of its file
   (read from disk, fingerprint checked), then its sub-batch ``x[t::T]``; ``bapat_swap_copy``: the
@@ -45,7 +49,8 @@ Usage:
     python benchmarks/multitask.py --device cuda        # the same on a GPU (wall clock, synchronised)
     python benchmarks/multitask.py --quick              # tiny shapes in seconds (smoke test)
 
-Writes benchmarks/results/multitask_<device>.json, .md and .png (``--quick``: under the system
+Targets, Markdown and plot: ``benchmarks/multitask_report.py``. Writes
+benchmarks/results/multitask_<device>.json, .md and .png (``--quick``: under the system
 temp folder unless ``--out`` is given, so a smoke test never overwrites measured results).
 """
 
@@ -80,28 +85,21 @@ import torch
 
 import vpetl
 
+
+def _sibling(name: str):
+    """``benchmarks/<name>.py`` loaded by path (this folder is off sys.path, see above)."""
+    spec = importlib.util.spec_from_file_location(f"_vpetl_bench_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+report = _sibling("multitask_report")
+NUM_CLASSES, BAPAT_LABELS, LORA_LABELS, RSS_LABELS = (report.NUM_CLASSES, report.BAPAT_LABELS, report.LORA_LABELS,
+                                                      report.RSS_LABELS)
+
 RESULTS = Path(__file__).resolve().parent / "results"
-NUM_CLASSES = 10
 BAPAT_WIDTH, LORA_RANK, PERTURB = 64, 16, 0.02
-BAPAT_LABELS = ("base", "base_split", "bapat_single", "bapat_mixed", "bapat_swap_load", "bapat_swap_copy",
-                "bapat_separate")
-LORA_LABELS = ("lora_single", "lora_mixed", "peft_single", "peft_mixed")
-TIME_LABELS = BAPAT_LABELS + LORA_LABELS
-RSS_LABELS = ("base", "bapat_single", "bapat_mixed", "bapat_separate", "lora_single", "lora_mixed",
-              "peft_single", "peft_mixed")
-DESCRIBE = {
-    "base": "(e) plain base, whole batch",
-    "base_split": "(e') plain base, T sub-batches (the batch-size effect alone)",
-    "bapat_single": "(b) one BAPAT-64 injected, whole batch",
-    "bapat_mixed": "(a) T BAPAT-64 tasks, `vpetl.route` per sample, whole batch",
-    "bapat_swap_load": "(c) one injected model, `load_delta` of each task's file, then its sub-batch",
-    "bapat_swap_copy": "(c') one injected model, `copy_` of each task's tensors, then its sub-batch",
-    "bapat_separate": "(d) T separate models, each runs its sub-batch",
-    "lora_single": "vpetl LoRA-16 (q, v), one task injected, whole batch",
-    "lora_mixed": "vpetl LoRA-16 (q, v), T tasks, `vpetl.route` per sample",
-    "peft_single": "PEFT LoRA-16 (whole qkv), one adapter, whole batch",
-    "peft_mixed": "PEFT LoRA-16 (whole qkv), T adapters, `adapter_names` per sample",
-}
 
 
 # --------------------------------------------------------------------------- models and deltas
@@ -160,7 +158,7 @@ def build(label: str, base: torch.nn.Module, files: dict[str, list[Path]]) -> An
     if label in ("bapat_single", "bapat_swap_load", "bapat_swap_copy", "lora_single"):
         family = label.split("_")[0]
         return vpetl.load_delta(copy.deepcopy(base), files[family][0]).eval()  # injects the stored config
-    if label in ("bapat_mixed", "lora_mixed"):
+    if label in ("bapat_mixed", "bapat_mixed_sorted", "bapat_mixed_triton", "lora_mixed"):
         return multi(label.split("_")[0]).eval()
     if label == "bapat_separate":
         return [vpetl.load_delta(copy.deepcopy(base), path).eval() for path in files["bapat"]]
@@ -178,6 +176,24 @@ def forward(label: str, model: Any, x: torch.Tensor, files: dict[str, list[Path]
         def run():
             with vpetl.route(model, routes):
                 return model(x)
+        return run
+    if label == "bapat_mixed_sorted":  # what a server can do: sort by task, run, put the outputs back
+        order = torch.tensor(sorted(range(x.shape[0]), key=lambda i: i % tasks), device=x.device)
+        ordered = [routes[i] for i in order.tolist()]
+
+        def run():
+            with vpetl.route(model, ordered):
+                y = model(x.index_select(0, order))
+            return y.new_empty(y.shape).index_copy_(0, order, y)
+        return run
+    if label == "bapat_mixed_triton":  # the variable is read per call: set it for this variant's calls only
+        def run():
+            os.environ[vpetl.kernels.ENV_VAR] = "triton"
+            try:
+                with vpetl.route(model, routes):
+                    return model(x)
+            finally:
+                del os.environ[vpetl.kernels.ENV_VAR]
         return run
     if label == "peft_mixed":
         return lambda: model(x, adapter_names=routes)
@@ -368,7 +384,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         result["rss"] = measure_rss(args, files)
 
     build_s, models, runs = {}, {}, {}
-    for label in TIME_LABELS:
+    labels = [label for label in report.TIME_LABELS
+              if args.device.startswith("cuda") or label not in report.CUDA_ONLY]
+    for label in labels:
         start = time.perf_counter()
         models[label] = build(label, base, files)
         build_s[label] = time.perf_counter() - start
@@ -379,7 +397,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     with torch.inference_mode():
         outs = {label: run() for label, run in runs.items()}
         check = {label: (outs[label] - outs["bapat_separate"]).abs().max().item()
-                 for label in ("bapat_mixed", "bapat_swap_load", "bapat_swap_copy")}
+                 for label in ("bapat_mixed", "bapat_mixed_sorted", "bapat_mixed_triton", "bapat_swap_load",
+                               "bapat_swap_copy") if label in outs}
         lora, peft_model = models["lora_single"], models["peft_mixed"]
         lora_alone, peft_alone = torch.empty_like(outs["lora_mixed"]), torch.empty_like(outs["peft_mixed"])
         for t in range(args.tasks):
@@ -406,7 +425,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     t = {label: v[clock] for label, v in times.items()}
     result["clock"] = clock
     result["ms"] = {label: 1e3 * statistics.median(v) for label, v in t.items()}
-    result["vs_bapat_single"] = {label: ratio(t[label], t["bapat_single"]) for label in BAPAT_LABELS}
+    result["vs_bapat_single"] = {label: ratio(t[label], t["bapat_single"]) for label in BAPAT_LABELS if label in t}
     result["mixed_vs"] = {label: ratio(t["bapat_mixed"], t[label])
                           for label in ("bapat_swap_load", "bapat_swap_copy", "bapat_separate")}
     result["decomposition"] = {  # what smaller batches alone change, and the branches' cost at each size
@@ -437,35 +456,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         result["memory"][f"{family}_mixed_vs_budget"] = mem[f"{family}_mixed"]["bytes"] / budget
     result["memory"]["bapat_mixed_vs_separate"] = mem["bapat_mixed"]["bytes"] / mem["bapat_separate"]["bytes"]
     result["memory"]["lora_mixed_vs_peft_mixed"] = mem["lora_mixed"]["bytes"] / mem["peft_mixed"]["bytes"]
-    result["targets"] = targets(result, args)
+    result["targets"] = report.targets(result, args)
     return result
-
-
-def targets(res: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
-    m = res["memory"]
-    r = res["vs_bapat_single"]["bapat_mixed"]
-    rows = [
-        ("(a) mixed batch / (b) single task <= 1.15", r, r["median"] <= 1.15),
-        ("(a) mixed batch faster than (c) swapping with load_delta: (a)/(c) < 1", res["mixed_vs"]["bapat_swap_load"],
-         res["mixed_vs"]["bapat_swap_load"]["median"] < 1),
-        ("(a) mixed batch faster than (c') swapping with copy_: (a)/(c') < 1", res["mixed_vs"]["bapat_swap_copy"],
-         res["mixed_vs"]["bapat_swap_copy"]["median"] < 1),
-        ("(a) mixed batch faster than (d) separate models: (a)/(d) < 1", res["mixed_vs"]["bapat_separate"],
-         res["mixed_vs"]["bapat_separate"]["median"] < 1),
-        (f"memory, {args.tasks} BAPAT-64 tasks <= 1.10 x (base + {args.tasks} x delta)",
-         {"median": m["bapat_mixed_vs_budget"]}, m["bapat_mixed_vs_budget"] <= 1.10),
-        (f"memory, {args.tasks} LoRA-16 tasks <= 1.10 x (base + {args.tasks} x delta)",
-         {"median": m["lora_mixed_vs_budget"]}, m["lora_mixed_vs_budget"] <= 1.10),
-        ("vpetl LoRA-16 mixed batch <= PEFT LoRA-16 mixed batch (time)", res["lora_vs"]["lora_mixed/peft_mixed"],
-         res["lora_vs"]["lora_mixed/peft_mixed"]["median"] <= 1),
-        ("vpetl LoRA-16 mixed model <= PEFT mixed model (memory)", {"median": m["lora_mixed_vs_peft_mixed"]},
-         m["lora_mixed_vs_peft_mixed"] <= 1),
-    ]
-    out = []
-    for name, value, ok in rows:
-        straddles = "min" in value and (value["min"] <= (1.15 if "1.15" in name else 1.0) <= value["max"])
-        out.append({"target": name, "measured": value, "pass": bool(ok), "range_straddles_limit": bool(straddles)})
-    return out
 
 
 # --------------------------------------------------------------------------- output
@@ -474,9 +466,7 @@ def targets(res: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any
 def metadata(args: argparse.Namespace) -> dict[str, Any]:
     import peft
 
-    spec = importlib.util.spec_from_file_location("_vpetl_bench_provenance", Path(__file__).with_name("provenance.py"))
-    provenance = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(provenance)
+    provenance = _sibling("provenance")
     cuda = args.device.startswith("cuda")
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -490,140 +480,6 @@ def metadata(args: argparse.Namespace) -> dict[str, Any]:
         "command": " ".join(["python benchmarks/multitask.py", *sys.argv[1:]]),
         **provenance.git_state(),
     }
-
-
-def _mb(n: float) -> str:
-    return f"{n / 2**20:.1f}"
-
-
-def _r(v: dict[str, float]) -> str:
-    return f"{v['median']:.3f} [{v['min']:.2f}-{v['max']:.2f}]" if "min" in v else f"{v['median']:.3f}"
-
-
-def markdown(meta: dict[str, Any], res: dict[str, Any]) -> str:
-    s, c, T = meta["settings"], res["contention"], meta["settings"]["tasks"]
-    clock = "the main thread's CPU time (`time.thread_time`), one torch thread" if res["clock"] == "cpu" else \
-        "wall-clock" + (", CUDA-synchronised" if meta["device"].startswith("cuda") else "")
-    lines = [
-        f"# Many tasks on one backbone: mixed batch vs the alternatives ({meta['device_name']})", "",
-        (f"{meta['date']}, torch {meta['torch']}, timm {meta['timm']}, peft {meta['peft']}, vpetl {meta['vpetl']} at "
-        f"{meta['git_commit']}{' + uncommitted ' + ', '.join(meta['src_uncommitted']) if meta['src_uncommitted'] else ''}, "
-        f"Python {meta['python']}, {meta['processor']}, {meta['cpu_count']} cores. `{meta['command']}`"), "",
-        (f"`{s['model']}`{' (quick: 2 blocks)' if s['quick'] else ''}, seeded random weights, {NUM_CLASSES} classes, "
-        f"batch {s['batch']} at {s['size']} px, eval + `inference_mode`; {T} tasks, sample i -> task i % {T} "
-        f"({s['batch'] // T} samples each). Times: {clock}; medians over {s['repeats']} interleaved rounds "
-        f"(after one warm-up round); ratios are medians of per-round ratios, `[min-max]` their range. Other "
-        f"processes used {c['other_processes_cores']} cores on average while timing (load average "
-        f"{c['loadavg_start']} -> {c['loadavg_end']}, {c['wall_s']:.0f} s)."), "",
-        "## Time, BAPAT-64", "",
-        "| variant | ms / batch | / (b) [min-max] | (a) / this [min-max] |", "|---|---:|---:|---:|",
-    ]
-    for label in BAPAT_LABELS:
-        mixed = res["mixed_vs"].get(label)
-        lines.append(f"| {DESCRIBE[label]} | {res['ms'][label]:.0f} | {_r(res['vs_bapat_single'][label])} | "
-                     f"{_r(mixed) if mixed else '-'} |")
-    dec = res["decomposition"]
-    split, branch_b, branch_s = (dec[k]["median"] for k in ("base_split/base", "bapat_single/base",
-                                                              "bapat_separate/base_split"))
-    lines += ["", "| ratio | median [min-max] |", "|---|---:|"]
-    lines += [f"| {name} | {_r(v)} |" for name, v in dec.items()]
-    lines += ["", (f"What this means: the plain base run as {T} sub-batches of {s['batch'] // T} costs {split:.3f} of one "
-              f"batch of {s['batch']} on this {'machine' if meta['device'] == 'cpu' else 'device'} "
-              f"({'smaller batches are cheaper per sample here' if split < 1 else 'one large batch is cheaper per sample here'}"
-              f"). (c) and (d) get that for free, (a) and (b) do not. BAPAT-64 costs {branch_b:.3f} of the base at batch "
-              f"{s['batch']} and {branch_s:.3f} at {s['batch'] // T}; (a) / (b) = "
-              f"{res['vs_bapat_single']['bapat_mixed']['median']:.3f} is what routing {T} tasks in one batch adds "
-              "(gathering each task's rows, its branch on them, scattering back; the heads per task).")]
-    lines += ["", "## Time, LoRA-16 vs PEFT", "",
-              ("vpetl puts rank-16 pairs on the q and v slots of the fused qkv, PEFT on the whole qkv Linear: the same "
-              "parameter count and FLOPs per token, different placement. Both train the head. PEFT's `adapter_names` "
-              "works on the timm model: `PeftModel.forward` pops it and registers forward pre-hooks on its LoRA layers "
-              "and on the `modules_to_save` head wrapper, which split the batch by adapter; the timm forward never sees it."),
-              "",
-              "| variant | ms / batch |", "|---|---:|"]
-    lines += [f"| {DESCRIBE[label]} | {res['ms'][label]:.0f} |" for label in LORA_LABELS]
-    lines += ["", "| ratio | median [min-max] |", "|---|---:|"]
-    lines += [f"| {name} | {_r(v)} |" for name, v in res["lora_vs"].items()]
-    m = res["memory"]
-    rss = res.get("rss", {})
-    lines += ["", "## Memory", "",
-              f"State dict bytes, each storage counted once (`shared`: entries that repeat a storage). Delta tensor "
-              f"bytes per task: BAPAT-64 {_mb(m['delta_tensor_bytes']['bapat'])} MB, LoRA-16 "
-              f"{_mb(m['delta_tensor_bytes']['lora'])} MB, PEFT {_mb(m['delta_tensor_bytes']['peft'])} MB "
-              f"(files: {', '.join(f'{k} {_mb(v)} MB' for k, v in m['delta_file_bytes'].items())})."
-              + (" RSS columns: one fresh process per model, the resident-set increase of building it and the "
-                 "peak increase during one forward of the batch." if rss else ""), "",
-              ("| model | state dict MB | shared | / (base + T x delta) | built (RSS) MB | of which file-backed MB "
-              "| forward peak MB |"),
-              "|---|---:|---:|---:|---:|---:|---:|"]
-    for label in RSS_LABELS:
-        sd, family = m["state_dict"][label], label.split("_")[0]
-        budget = f"{sd['bytes'] / m[family + '_budget_bytes']:.3f}" if label.endswith("mixed") else "-"
-        r = rss.get(label)
-        lines.append(f"| {label}{' (x' + str(T) + ')' if label == 'bapat_separate' else ''} | {_mb(sd['bytes'])} | "
-                     f"{sd['shared']} | {budget} | {_mb(r['built_bytes']) if r else '-'} | "
-                     f"{_mb(r['built_file_backed_bytes']) if r else '-'} | "
-                     f"{_mb(r['forward_peak_bytes']) if r else '-'} |")
-    lines += ["", (f"{T} BAPAT tasks in one model: {m['bapat_mixed_vs_separate']:.3f} of {T} separate models' bytes. "
-              f"vpetl LoRA mixed / PEFT mixed bytes: {m['lora_mixed_vs_peft_mixed']:.3f}.")]
-    if rss:
-        over = rss["bapat_mixed"]["built_bytes"] - rss["base"]["built_bytes"]
-        files = rss["bapat_mixed"]["built_file_backed_bytes"] - rss["bapat_separate"]["built_file_backed_bytes"]
-        lines[-1] += (f" Resident, the {T} BAPAT tasks add {_mb(over)} MB over the base's process against "
-                      f"{_mb(T * m['delta_tensor_bytes']['bapat'])} MB of delta tensors; their file-backed part is "
-                      f"{_mb(files)} MB above that of the {T} separate models (which load the same {T} files and run "
-                      "the same code): delta files still memory-mapped after `load_delta(..., task=)`.")
-    lines += ["", "## Targets", "", "| target | measured [min-max] | |", "|---|---:|---|"]
-    for t in res["targets"]:
-        verdict = "pass" if t["pass"] else "**miss**"
-        if t["range_straddles_limit"]:
-            verdict += " (the range straddles the limit)"
-        lines.append(f"| {t['target']} | {_r(t['measured'])} | {verdict} |")
-    d = res["max_abs_diff_vs_alone"]
-    lines += ["", "Correctness (max abs difference of the mixed batch's logits against the same samples run alone "
-              "through their task): " + ", ".join(f"{k} {v:.1e}" for k, v in d.items()) + " (`bapat_mixed_vs_base`: "
-              "how much the perturbed deltas change the output).", "",
-              "Build times (s): " + ", ".join(f"{k} {v:.2f}" for k, v in res["build_s"].items()) + "."]
-    return "\n".join(lines) + "\n"
-
-
-def plot(meta: dict[str, Any], res: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [5, 4, 5]})
-    for ax, items, title, ref in (
-        (ax1, [(k.replace("bapat_", ""), res["vs_bapat_single"][k]) for k in BAPAT_LABELS],
-         "BAPAT-64: time / (b) single task", 1.15),
-        (ax2, [(k.replace("/", "\n/ "), v) for k, v in res["lora_vs"].items() if "base" not in k],
-         "LoRA-16: time ratios (target: the first <= 1)", 1.0),
-    ):
-        names, med = [n for n, _ in items], [v["median"] for _, v in items]
-        err = [[v["median"] - v["min"] for _, v in items], [v["max"] - v["median"] for _, v in items]]
-        colours = ["tab:purple" if "mixed" in n else "tab:grey" for n in names]
-        ax.bar(names, med, yerr=err, capsize=4, color=colours)
-        ax.axhline(ref, color="red", lw=0.8, ls="--", label=f"target {ref}")
-        ax.axhline(1.0, color="black", lw=0.6, ls=":")
-        ax.set_title(title, fontsize=10)
-        ax.tick_params(axis="x", labelsize=7, rotation=30)
-        ax.legend(fontsize=7)
-    m, T = res["memory"], meta["settings"]["tasks"]
-    labels = ["base", "bapat_single", "bapat_mixed", "bapat_budget", "bapat_separate", "lora_mixed", "peft_mixed"]
-    values = [m[f"{label.split('_')[0]}_budget_bytes"] if label.endswith("budget") else m["state_dict"][label]["bytes"]
-              for label in labels]
-    ax3.bar([n.replace("budget", f"base+{T}xdelta").replace("separate", f"separate x{T}") for n in labels],
-            [v / 2**20 for v in values], color=["grey", "grey", "tab:purple", "white", "tab:grey", "tab:orange",
-                                                "tab:red"], edgecolor="black")
-    ax3.set_ylabel("state dict MB")
-    ax3.set_title(f"memory, {T} tasks", fontsize=10)
-    ax3.tick_params(axis="x", labelsize=7, rotation=30)
-    fig.suptitle(f"vpetl many tasks on one backbone, {meta['settings']['model']} b{meta['settings']['batch']}, "
-                 f"{meta['device_name']}, {meta['date'][:10]}, {res['clock']} clock", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -653,8 +509,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.render:
         data, stem = json.loads(Path(args.render).read_text()), Path(args.render).with_suffix("")
-        stem.with_suffix(".md").write_text(markdown(data["meta"], data["result"]))
-        plot(data["meta"], data["result"], stem.with_suffix(".png"))
+        stem.with_suffix(".md").write_text(report.markdown(data["meta"], data["result"]))
+        report.plot(data["meta"], data["result"], stem.with_suffix(".png"))
         print(f"wrote {stem}.md, .png")
         return
     if args.threads:
@@ -669,9 +525,9 @@ def main(argv: list[str] | None = None) -> None:
     stem = Path(args.out) if args.out else default / f"multitask_{args.device.split(':')[0]}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "result": result}, indent=2) + "\n")
-    text = markdown(meta, result)
+    text = report.markdown(meta, result)
     stem.with_suffix(".md").write_text(text)
-    plot(meta, result, stem.with_suffix(".png"))
+    report.plot(meta, result, stem.with_suffix(".png"))
     print(text)
     print(f"wrote {stem}.json, .md, .png ({meta['wall_s']:.0f} s)")
 
