@@ -24,7 +24,9 @@ whose ``down``/``up`` Linears carry module hooks (the fused ops never call those
 so the generic path runs to let the hooks fire).
 
 The Triton *adapter* path runs only when asked for (``"triton"``): whether it pays beside
-the MLP has not been measured on a GPU yet, so ``"auto"`` keeps the torch ``addmm``.
+the MLP has not been measured on a GPU yet, so ``"auto"`` keeps the torch ``addmm``. The same
+holds for the grouped kernels of routed tasks (:mod:`vpetl.kernels.grouped_triton`, used by
+:class:`vpetl.routed.RoutedPatt`).
 """
 
 from __future__ import annotations
