@@ -55,3 +55,13 @@ def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``model(x)`` as a tensor: HF models return an output object holding ``.logits``."""
     out = model(x)
     return out.logits if hasattr(out, "logits") else out
+
+
+def perturb_trainable(model: torch.nn.Module, seed: int, std: float = 0.1) -> None:
+    """Add seeded noise to every trainable tensor, as training would move them (so a zero-initialised
+    up-projection or a fresh head changes the output and a test sees whether it is used)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * std)

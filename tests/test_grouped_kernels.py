@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_vit
+from conftest import perturb_trainable, tiny_vit
 
 import vpetl
 from vpetl import kernels
@@ -138,11 +138,7 @@ def _patt_tasks(tmp_path):
         torch.manual_seed(index)
         model.reset_classifier(10)
         vpetl.inject(model, method, train_head=True, **options)
-        gen = torch.Generator().manual_seed(10 + index)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+        perturb_trainable(model, 10 + index)
         vpetl.save_delta(model, tmp_path / f"{name}.safetensors")
         singles[name] = model.eval()
     multi = tiny_vit(num_classes=10).eval()

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import tiny_hf_vit, tiny_swin3d, tiny_vit
+from conftest import perturb_trainable, tiny_hf_vit, tiny_swin3d, tiny_vit
 
 import vpetl
 from vpetl.methods.ssf import SSF, SSFBranch
@@ -31,11 +31,7 @@ def _model_and_input(name):
 
 def _perturb(model, seed=3):
     """Random gamma/beta (and any other trained tensor) so that merging is tested for real."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    perturb_trainable(model, seed)
 
 
 def _trainable(model):

@@ -9,7 +9,7 @@ import copy
 import pytest
 import safetensors
 import torch
-from conftest import tiny_hf_vit, tiny_swin3d, tiny_vit
+from conftest import perturb_trainable, tiny_hf_vit, tiny_swin3d, tiny_vit
 from torchvision.models.vision_transformer import VisionTransformer
 
 import vpetl
@@ -64,11 +64,7 @@ def _trained_deltas(build, tmp_path, tasks=TASKS, sequential=False):
         model = _with_head(build, classes)
         opts = dict(options, placement="sequential") if sequential and method == "adapter" else options
         vpetl.inject(model, method, train_head=train_head, **opts)
-        gen = torch.Generator().manual_seed(10 + index)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+        perturb_trainable(model, 10 + index)
         vpetl.save_delta(model, tmp_path / f"{name}.safetensors")
         singles[name] = model.eval()
     return singles

@@ -48,12 +48,15 @@ def _add_biases(branch: ProjectionBranch, out: OutputSlots) -> None:
             view.add_(term.to(view.dtype).view(view.shape[1:]))
 
 
-def _add_on_span(branch: ProjectionBranch, x2d: Tensor, out: OutputSlots, span: slice) -> None:
-    """``branch`` added in place into rows ``span`` of ``out`` (a view: nothing copied)."""
+def _add_on_span(branch: ProjectionBranch, x: Tensor, x2d: Tensor, out: OutputSlots, span: slice) -> None:
+    """``branch`` added in place into rows ``span`` of ``out`` (a view: nothing copied). The
+    whole batch passes the projection's own input ``x``, which a PATT branch shared by separate
+    k and v Linears recognises to compute its hidden once."""
     if span.start == 0 and span.stop == x2d.shape[0]:
-        sub_x, sub = x2d, out
-    else:
-        sub_x, sub = x2d[span], OutputSlots(out.out2d[span], out.layout)
+        branch.add_into_(x, x2d, out)
+        _add_biases(branch, out)
+        return
+    sub_x, sub = x2d[span], OutputSlots(out.out2d[span], out.layout)
     branch.add_into_(sub_x, sub_x, sub)
     _add_biases(branch, sub)
 
@@ -74,7 +77,7 @@ class RoutedProjection(ProjectionBranch):
         span = routing.span(self.task, x2d.shape[0], WHERE)
         if span is not None:
             if span.stop > span.start:
-                _add_on_span(inner, x2d, out, span)
+                _add_on_span(inner, x, x2d, out, span)
             return
         rows = routing.rows(self.task, x2d.shape[0], x2d.device, WHERE)
         sub_x = x2d.index_select(0, rows)
@@ -119,7 +122,7 @@ class RoutedPatt(ProjectionBranch):
             span = routing.span(task, total, WHERE)
             if span is not None:
                 if span.stop > span.start:
-                    _add_on_span(branch, x2d, out, span)
+                    _add_on_span(branch, x, x2d, out, span)
                 continue
             rows = routing.rows(task, total, x2d.device, WHERE)
             branch._mark_called()

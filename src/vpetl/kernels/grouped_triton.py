@@ -105,6 +105,21 @@ def _tile(tiles_ptr, pid):
 
 
 @triton.jit
+def _accumulate(acc, a_ptr, s_am, s_ak, b_ptr, s_bk, s_bn, offs_m, m_ok, offs_n, n_ok, K,
+                PREC: tl.constexpr, UPCAST: tl.constexpr, BK: tl.constexpr):
+    """``acc + A[offs_m, :K] B[:K, offs_n]`` in fp32, the reduction in blocks of ``BK``; ``K``
+    may be 0 at run time (a tile that skips a branch)."""
+    offs_k = tl.arange(0, BK)
+    for k0 in range(0, K, BK):
+        kk = k0 + offs_k
+        k_ok = kk < K
+        a = tl.load(a_ptr + offs_m[:, None] * s_am + kk[None, :] * s_ak, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + kk[:, None] * s_bk + offs_n[None, :] * s_bn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _dot(a, b, acc, PREC, UPCAST)
+    return acc
+
+
+@triton.jit
 def _grouped_hidden_kernel(
     x_ptr, wd_ptr, bd_ptr, h_ptr, z_ptr, tiles_ptr,
     K, R,
@@ -116,17 +131,10 @@ def _grouped_hidden_kernel(
     task, start, end = _tile(tiles_ptr, tl.program_id(0))
     offs_m = start + tl.arange(0, BM)
     offs_r = tl.program_id(1) * BR + tl.arange(0, BR)
-    offs_k = tl.arange(0, BK)
     m_ok = offs_m < end
     r_ok = offs_r < R
-    wd = wd_ptr + task * s_wt
-    acc = tl.zeros((BM, BR), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        kk = k0 + offs_k
-        k_ok = kk < K
-        a = tl.load(x_ptr + offs_m[:, None] * s_xm + kk[None, :] * s_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(wd + kk[:, None] * s_wk + offs_r[None, :] * s_wr, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-        acc = _dot(a, b, acc, PREC, UPCAST)
+    acc = _accumulate(tl.zeros((BM, BR), dtype=tl.float32), x_ptr, s_xm, s_xk, wd_ptr + task * s_wt, s_wk, s_wr,
+                      offs_m, m_ok, offs_r, r_ok, K, PREC, UPCAST, BK)
     if HAS_BIAS:
         acc += tl.load(bd_ptr + task * s_bt + offs_r, mask=r_ok, other=0.0).to(tl.float32)[None, :]
     h = _activate(acc, ACT)
@@ -153,14 +161,8 @@ def _grouped_project_kernel(
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     m_ok = offs_m < end
     n_ok = offs_n < N
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    offs_k = tl.arange(0, BK)
-    for k0 in range(0, K, BK):
-        kk = k0 + offs_k
-        k_ok = kk < K
-        a = tl.load(x_ptr + offs_m[:, None] * s_xm + kk[None, :] * s_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptr + kk[:, None] * s_wk + offs_n[None, :] * s_wn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = _dot(a, b, acc, PREC, UPCAST)
+    acc = _accumulate(tl.zeros((BM, BN), dtype=tl.float32), x_ptr, s_xm, s_xk, w_ptr, s_wk, s_wn,
+                      offs_m, m_ok, offs_n, n_ok, K, PREC, UPCAST, BK)
     t = tl.maximum(task, 0)
     scale = tl.load(scale_ptr + t)
     rows = tl.load(row_ptr + offs_n, mask=n_ok, other=-1)
@@ -170,14 +172,9 @@ def _grouped_project_kernel(
     use = (task >= 0) & (tl.max(row_ok.to(tl.int32), axis=0) > 0) & (scale != 0.0)
     r_end = tl.where(use, R, 0)
     acc = acc * tl.where(use, 1.0 / tl.where(use, scale, 1.0), 1.0)
-    u = u_ptr + t * s_ut
-    offs_j = tl.arange(0, BR)
-    for j0 in range(0, r_end, BR):
-        jj = j0 + offs_j
-        j_ok = jj < R
-        a = tl.load(h_ptr + offs_m[:, None] * s_hm + jj[None, :] * s_hr, mask=m_ok[:, None] & j_ok[None, :], other=0.0)
-        b = tl.load(u + jj[:, None] * s_ur + rows[None, :] * s_up, mask=j_ok[:, None] & row_ok[None, :], other=0.0)
-        acc = _dot(a, b, acc, PREC, UPCAST)
+    # h (BM, r) against U_t's rows gathered by row(n); masked columns (no branch row) load zeros
+    acc = _accumulate(acc, h_ptr, s_hm, s_hr, u_ptr + t * s_ut, s_ur, s_up, offs_m, m_ok, rows, row_ok, r_end,
+                      PREC, UPCAST, BR)
     acc = acc * tl.where(use, scale, 1.0)
     if HAS_BU:
         bu = tl.load(bu_ptr + t * s_bt + rows, mask=row_ok & use, other=0.0).to(tl.float32)
@@ -244,23 +241,10 @@ def _grouped_dx_kernel(
     offs_k = tl.program_id(1) * BK + tl.arange(0, BK)
     m_ok = offs_m < end
     k_ok = offs_k < K
-    acc = tl.zeros((BM, BK), dtype=tl.float32)
-    offs_n = tl.arange(0, BN)
-    for n0 in range(0, N, BN):
-        nn = n0 + offs_n
-        n_ok = nn < N
-        a = tl.load(g_ptr + offs_m[:, None] * s_gm + nn[None, :] * s_gn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        b = tl.load(w_ptr + nn[:, None] * s_wn + offs_k[None, :] * s_wk, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = _dot(a, b, acc, PREC, UPCAST)
-    wd = wd_ptr + tl.maximum(task, 0) * s_dt
-    r_end = tl.where(task >= 0, R, 0)
-    offs_j = tl.arange(0, BR)
-    for j0 in range(0, r_end, BR):
-        jj = j0 + offs_j
-        j_ok = jj < R
-        a = tl.load(dz_ptr + offs_m[:, None] * R + jj[None, :], mask=m_ok[:, None] & j_ok[None, :], other=0.0)
-        b = tl.load(wd + jj[:, None] * s_dr + offs_k[None, :] * s_dk, mask=j_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = _dot(a, b, acc, PREC, UPCAST)
+    acc = _accumulate(tl.zeros((BM, BK), dtype=tl.float32), g_ptr, s_gm, s_gn, w_ptr, s_wn, s_wk,
+                      offs_m, m_ok, offs_k, k_ok, N, PREC, UPCAST, BN)
+    acc = _accumulate(acc, dz_ptr, R, 1, wd_ptr + tl.maximum(task, 0) * s_dt, s_dr, s_dk, offs_m, m_ok, offs_k, k_ok,
+                      tl.where(task >= 0, R, 0), PREC, UPCAST, BR)
     tl.store(dx_ptr + offs_m[:, None] * s_xm + offs_k[None, :] * s_xk, acc.to(dx_ptr.dtype.element_ty),
              mask=m_ok[:, None] & k_ok[None, :])
 
