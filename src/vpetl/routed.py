@@ -9,8 +9,8 @@ How a task's rows are reached, cheapest first:
 * the task's samples are consecutive: a slice, so the branch adds in place into a view of the
   projection output (no gather, no buffer);
 * otherwise its rows are gathered (``index_select``), the branch runs on them alone, and its
-  result is added back with one ``index_add_`` into the slots it writes (K and V for PATT, not
-  the whole q/k/v width).
+  result is added back with one ``index_add_`` of whole output rows (for PATT, one GEMM gives
+  those rows directly, zeros in the q slot: no zero-filled buffer).
 
 :class:`RoutedPatt` holds the PATT branches of every task at one projection; with
 ``kernel="triton"`` it computes the whole projection, base and every task's branch, in the two
@@ -84,8 +84,7 @@ class RoutedProjection(ProjectionBranch):
         sub = OutputSlots(out.out2d.new_zeros(rows.numel(), out.out2d.shape[1]), out.layout)
         inner.add_into_(sub_x, sub_x, sub)
         _add_biases(inner, sub)
-        for letters in out.runs(inner.positions):  # only the slots this branch writes
-            out.view(letters).index_add_(0, rows, sub.view(letters))
+        out.out2d.index_add_(0, rows, sub.out2d)  # full rows: contiguous, 3x faster than into a slot view
 
     def plain_delta(self, x: Tensor, layout: Any, out_features: int) -> Tensor:
         raise _not_traceable()
@@ -94,6 +93,23 @@ class RoutedProjection(ProjectionBranch):
 def _not_traceable() -> InjectionError:
     return InjectionError("a model with routed tasks cannot be traced or exported; export one task at a time "
                           "(load its delta into a plain model).")
+
+
+def _full_width_delta(branch: PattBranch, h: Tensor, out: OutputSlots) -> Tensor:
+    """``s (h U^T + b_u)`` as full projection rows ``(M_t, N)``, zero outside the branch's slots,
+    from one GEMM against the up-projection scattered to the output's columns: no zero-filled
+    buffer, and the ``index_add_`` back into the output stays contiguous (into a slot view it
+    is 3x slower on CPU)."""
+    layout, n_out = out.layout, out.out2d.shape[1]
+    letters = [c for c in branch.positions if c in layout.letters]
+    up = layout.scatter_rows({c: branch.up.weight[branch._rows[c]] for c in letters}, n_out, (h.shape[1],))
+    scale = float(branch.scale)
+    if branch.up.bias is None:
+        delta = torch.mm(h, up.t().to(h.dtype)).mul_(scale)
+    else:
+        bias = layout.scatter_rows({c: branch.up.bias[branch._rows[c]] for c in letters}, n_out)
+        delta = torch.addmm(bias.to(h.dtype), h, up.t().to(h.dtype), beta=scale, alpha=scale)
+    return delta.to(out.out2d.dtype)
 
 
 class RoutedPatt(ProjectionBranch):
@@ -128,13 +144,7 @@ class RoutedPatt(ProjectionBranch):
             branch._mark_called()
             sub_x = x2d.index_select(0, rows)
             h = branch.hidden(sub_x, sub_x)
-            scale = branch.scale_value()
-            for letters in out.runs(branch.positions):  # only K/V: no full-width buffer
-                up_rows = slice(branch._rows[letters[0]].start, branch._rows[letters[-1]].stop)
-                bias = branch.up.bias[up_rows] if branch.up.bias is not None else None
-                delta = F.linear(h, branch.up.weight[up_rows], bias) * scale
-                view = out.view(letters)
-                view.index_add_(0, rows, delta.to(view.dtype).view(-1, *view.shape[1:]))
+            out.out2d.index_add_(0, rows, _full_width_delta(branch, h, out))
 
     def fused_projection(self, x2d: Tensor, weight: Tensor, bias: Tensor | None, layout: SlotLayout,
                          kernel: Kernel) -> Tensor | None:
@@ -220,24 +230,29 @@ class RoutedAdapters(Branch):
         self._taskset = (taskset,)
 
     def add_to(self, out: Tensor, x: Tensor, kernel: Kernel = Kernel.AUTO) -> Tensor:
-        """``out`` with each task's adapter added on its samples' rows (``out``, ``x``: ``(..., d)``)."""
+        """``out`` with each task's adapter added on its samples' rows (``out``, ``x``: ``(..., d)``).
+
+        In inference the rows are written back into ``out`` itself, the MLP's fresh output (as
+        the single-task adapter does); with autograd on, into one copy of it."""
         routing = self._taskset[0].active("an MLP adapter")
         flat_out, flat_x = out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1])
         total = flat_out.shape[0]
-        result = None
+        result = None if torch.is_grad_enabled() else flat_out
         for task, adapter in self.named_children():
             span = routing.span(task, total, "an MLP")
             if span is not None and span.start == 0 and span.stop == total:
                 return adapter.add_to(out, x, kernel)
+            if span is not None and span.stop == span.start:
+                continue
+            result = flat_out.clone() if result is None else result  # one copy for all tasks
             if span is not None:
-                if span.stop > span.start:
-                    summed = adapter.add_to(flat_out[span], flat_x[span], kernel)
-                    result = flat_out.clone() if result is None else result  # one copy for all tasks
-                    result[span] = summed.to(result.dtype)
+                rows = result[span]  # still the MLP's output there: tasks own disjoint rows
+                summed = adapter.add_to(rows, flat_x[span], kernel)
+                if summed.data_ptr() != rows.data_ptr():  # not added in place
+                    rows.copy_(summed)
                 continue
             rows = routing.rows(task, total, out.device, "an MLP")
             summed = adapter.add_to(flat_out.index_select(0, rows), flat_x.index_select(0, rows), kernel)
-            result = flat_out.clone() if result is None else result
             result.index_copy_(0, rows, summed.to(result.dtype))
         return out if result is None else result.view(out.shape)
 
