@@ -370,6 +370,28 @@ class OtherLoad:
                 "loadavg_start": round(self.load0[0], 2), "loadavg_end": round(os.getloadavg()[0], 2)}
 
 
+def op_profile(runs: dict[str, Callable[[], Any]], labels: tuple[str, ...], rounds: int) -> dict[str, dict[str, float]]:
+    """Self CPU ms per forward of every operator, per variant (``torch.profiler``, ``rounds`` forwards)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    found = {}
+    for label in labels:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(rounds):
+                runs[label]()
+        found[label] = {e.key: e.self_cpu_time_total / 1e3 / rounds for e in prof.key_averages()
+                        if e.self_cpu_time_total > 0}
+    return found
+
+
+def op_differences(profiles: dict[str, dict[str, float]], a: str, b: str, top: int = 8) -> dict[str, Any]:
+    """The operators whose self time differs most between variants ``a`` and ``b``, and the totals."""
+    keys = set(profiles[a]) | set(profiles[b])
+    diffs = sorted(keys, key=lambda k: -abs(profiles[a].get(k, 0.0) - profiles[b].get(k, 0.0)))[:top]
+    return {"a": a, "b": b, "total_a_ms": sum(profiles[a].values()), "total_b_ms": sum(profiles[b].values()),
+            "ops": [{"op": k, "a_ms": profiles[a].get(k, 0.0), "b_ms": profiles[b].get(k, 0.0)} for k in diffs]}
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -420,6 +442,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         times = interleaved(runs, args.repeats, args.device)
     result["contention"] = load.report()
     result["raw_times_s"] = times
+    if args.device == "cpu":  # where the time goes: self time per operator (CPU only: CUDA time is not CPU time)
+        print("profile: torch.profiler, 3 forwards per variant", flush=True)
+        with torch.inference_mode():
+            profiles = op_profile(runs, ("base", "base_split", "bapat_single", "bapat_mixed"), 3)
+        result["profile"] = {"forwards": 3, "mixed_vs_single": op_differences(profiles, "bapat_mixed", "bapat_single"),
+                             "base_vs_split": op_differences(profiles, "base", "base_split")}
 
     clock = "cpu" if args.device == "cpu" and torch.get_num_threads() == 1 else "wall"
     t = {label: v[clock] for label, v in times.items()}

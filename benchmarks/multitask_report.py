@@ -101,6 +101,22 @@ def markdown(meta: dict[str, Any], res: dict[str, Any]) -> str:
               f"{s['batch']} and {branch_s:.3f} at {s['batch'] // T}; (a) / (b) = "
               f"{res['vs_bapat_single']['bapat_mixed']['median']:.3f} is what routing {T} tasks in one batch adds "
               "(gathering each task's rows, its branch on them, scattering back; the heads per task).")]
+    prof = res.get("profile")
+    if prof:
+        lines += ["", "## Where the time goes", "",
+                  f"`torch.profiler` self CPU time per forward (mean of {prof['forwards']} forwards, after the timed "
+                  "rounds; the profiler adds its own overhead, so compare within a table).", ""]
+        for key, what in (("mixed_vs_single", "what routing adds: (a) against (b), the operators that differ most"),
+                          ("base_vs_split", f"what one batch of {s['batch']} costs against {T} sub-batches of "
+                                            f"{s['batch'] // T}: (e) against (e')")):
+            d = prof[key]
+            lines += [f"{what}; totals {d['total_a_ms']:.0f} ms vs {d['total_b_ms']:.0f} ms "
+                      f"({d['total_a_ms'] - d['total_b_ms']:+.0f} ms):", "",
+                      f"| operator | {d['a']} ms | {d['b']} ms | difference ms |", "|---|---:|---:|---:|"]
+            lines += [f"| `{o['op']}` | {o['a_ms']:.1f} | {o['b_ms']:.1f} | {o['a_ms'] - o['b_ms']:+.1f} |"
+                      for o in d["ops"]]
+            lines.append("")
+        lines.pop()
     lines += ["", "## Time, LoRA-16 vs PEFT", "",
               ("vpetl puts rank-16 pairs on the q and v slots of the fused qkv, PEFT on the whole qkv Linear: the same "
               "parameter count and FLOPs per token, different placement. Both train the head. PEFT's `adapter_names` "
