@@ -65,3 +65,24 @@ def perturb_trainable(model: torch.nn.Module, seed: int, std: float = 0.1) -> No
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=gen) * std)
+
+
+def run_in_interpreter(test_file: str, select: str, gpu_only_skips: bool = False) -> None:
+    """Run the tests of ``test_file`` that ``-k select`` picks in a fresh process with
+    ``TRITON_INTERPRET=1`` (set before Triton is first imported, which timm does in this one)
+    and fail with its output unless they all pass; none may skip unless ``gpu_only_skips``
+    (the file has tests that need a GPU even for Triton)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env.pop("VPETL_KERNEL", None)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",
+           test_file, "-k", select]
+    done = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout and " failed" not in done.stdout, done.stdout[-3000:]
+    assert gpu_only_skips or "skipped" not in done.stdout, done.stdout[-3000:]

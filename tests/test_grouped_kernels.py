@@ -7,15 +7,11 @@ otherwise in one subprocess with ``TRITON_INTERPRET=1`` (tiny shapes; slow and e
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import perturb_trainable, tiny_vit
+from conftest import perturb_trainable, run_in_interpreter, tiny_vit
 
 import vpetl
 from vpetl import kernels
@@ -229,11 +225,4 @@ def test_grouped_triton_in_interpreter_subprocess():
         pytest.skip("triton is not importable")
     if CUDA or kernels.interpreting():
         pytest.skip("the Triton tests run in this process")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env.pop(kernels.ENV_VAR, None)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",
-           __file__, "-k", "triton and not subprocess and not cannot_run"]
-    done = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-    assert " passed" in done.stdout and " failed" not in done.stdout and "skipped" not in done.stdout
+    run_in_interpreter(__file__, "triton and not subprocess and not cannot_run")

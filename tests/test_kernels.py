@@ -14,15 +14,12 @@
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import timm
 import torch
 from hypothesis import given, settings, strategies as st
+from conftest import run_in_interpreter
 from torch import nn
 
 import vpetl
@@ -201,14 +198,7 @@ def test_triton_kernels_in_interpreter_subprocess():
         pytest.skip("triton is not importable")
     if CUDA or kernels.interpreting():
         pytest.skip("the Triton tests run in this process")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env.pop("VPETL_KERNEL", None)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",
-           __file__, "-k", "triton and not subprocess"]
-    done = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-    assert " passed" in done.stdout and " failed" not in done.stdout
+    run_in_interpreter(__file__, "triton and not subprocess", gpu_only_skips=True)  # the dtype sweep needs a GPU
 
 
 TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}

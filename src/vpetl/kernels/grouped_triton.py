@@ -42,8 +42,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .patt_triton import (
-    ACT_IDS, FUSE_DW_MAX_RANK, MAX_RANK, SUPPORTED_DTYPES, SlotMap, _activate, _activate_grad, _dot, _interpreting,
-    _pow2, _precision, _upcast,
+    ACT_IDS, FUSE_DW_MAX_RANK, MAX_RANK, SUPPORTED_DTYPES, SlotMap, _activate_grad, _dot, _hidden_epilogue,
+    _interpreting, _pow2, _precision, _upcast,
 )
 
 __all__ = ["MAX_RANK", "SUPPORTED_DTYPES", "Segments", "block_rows", "grouped_patt_project", "segments"]
@@ -135,14 +135,8 @@ def _grouped_hidden_kernel(
     r_ok = offs_r < R
     acc = _accumulate(tl.zeros((BM, BR), dtype=tl.float32), x_ptr, s_xm, s_xk, wd_ptr + task * s_wt, s_wk, s_wr,
                       offs_m, m_ok, offs_r, r_ok, K, PREC, UPCAST, BK)
-    if HAS_BIAS:
-        acc += tl.load(bd_ptr + task * s_bt + offs_r, mask=r_ok, other=0.0).to(tl.float32)[None, :]
-    h = _activate(acc, ACT)
-    offs = offs_m[:, None] * s_hm + offs_r[None, :] * s_hr
-    mask = m_ok[:, None] & r_ok[None, :]
-    tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=mask)
-    if STORE_Z:
-        tl.store(z_ptr + offs, acc.to(z_ptr.dtype.element_ty), mask=mask)
+    _hidden_epilogue(acc, bd_ptr + task * s_bt, h_ptr, z_ptr, offs_m, m_ok, offs_r, r_ok, s_hm, s_hr,
+                     ACT, HAS_BIAS, STORE_Z)
 
 
 @triton.jit

@@ -138,6 +138,14 @@ def _hidden_kernel(
         a = tl.load(x_ptr + offs_m[:, None] * s_xm + kk[None, :] * s_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(wd_ptr + kk[:, None] * s_wk + offs_r[None, :] * s_wr, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc = _dot(a, b, acc, PREC, UPCAST)
+    _hidden_epilogue(acc, bd_ptr, h_ptr, z_ptr, offs_m, m_ok, offs_r, r_ok, s_hm, s_hr, ACT, HAS_BIAS, STORE_Z)
+
+
+@triton.jit
+def _hidden_epilogue(acc, bd_ptr, h_ptr, z_ptr, offs_m, m_ok, offs_r, r_ok, s_hm, s_hr,
+                     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr):
+    """``z = acc + b_d`` and ``h = act(z)`` of a ``(BM, BR)`` tile stored at rows ``offs_m``,
+    columns ``offs_r``; ``z`` only when the activation's gradient needs it (gelu)."""
     if HAS_BIAS:
         acc += tl.load(bd_ptr + offs_r, mask=r_ok, other=0.0).to(tl.float32)[None, :]
     h = _activate(acc, ACT)
