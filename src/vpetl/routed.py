@@ -62,7 +62,8 @@ def _add_on_span(branch: ProjectionBranch, x: Tensor, x2d: Tensor, out: OutputSl
 
 
 class RoutedProjection(ProjectionBranch):
-    """Task ``task``'s projection branch (LoRA), applied to its samples' rows only (module docs)."""
+    """Task ``task``'s projection branch, applied to its samples' rows only (module docs): LoRA,
+    and a PATT branch that no :class:`RoutedPatt` groups (a learned scale)."""
 
     scriptable = False
 
@@ -96,10 +97,10 @@ def _not_traceable() -> InjectionError:
 
 
 def _full_width_delta(branch: PattBranch, h: Tensor, out: OutputSlots) -> Tensor:
-    """``s (h U^T + b_u)`` as full projection rows ``(M_t, N)``, zero outside the branch's slots,
-    from one GEMM against the up-projection scattered to the output's columns: no zero-filled
-    buffer, and the ``index_add_`` back into the output stays contiguous (into a slot view it
-    is 3x slower on CPU)."""
+    """``s (h U^T + b_u)`` as full projection rows ``(M_t, N)``, zero outside the branch's slots
+    (``s`` fixed: grouped branches have no learned scale), from one GEMM against the
+    up-projection scattered to the output's columns: no zero-filled buffer, and the
+    ``index_add_`` back into the output stays contiguous (into a slot view it is 3x slower on CPU)."""
     layout, n_out = out.layout, out.out2d.shape[1]
     letters = [c for c in branch.positions if c in layout.letters]
     up = layout.scatter_rows({c: branch.up.weight[branch._rows[c]] for c in letters}, n_out, (h.shape[1],))
