@@ -170,9 +170,9 @@ def _grouped_project_kernel(
     acc = _accumulate(acc, h_ptr, s_hm, s_hr, u_ptr + t * s_ut, s_ur, s_up, offs_m, m_ok, rows, row_ok, r_end,
                       PREC, UPCAST, BR)
     acc = acc * tl.where(use, scale, 1.0)
-    if HAS_BU:
-        bu = tl.load(bu_ptr + t * s_bt + rows, mask=row_ok & use, other=0.0).to(tl.float32)
-        acc += scale * bu[None, :]
+    if HAS_BU:  # base tiles read task 0's bias and add it times 0 (a scalar in a mask breaks Triton 3.9's interpreter)
+        bu = tl.load(bu_ptr + t * s_bt + rows, mask=row_ok, other=0.0).to(tl.float32)
+        acc += tl.where(use, scale, 0.0) * bu[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
