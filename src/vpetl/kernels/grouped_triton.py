@@ -253,7 +253,7 @@ def _tiles(dtype: torch.dtype, r_block: int) -> dict:
     fp32 tiles hold twice the bytes of 16-bit ones, so they are narrower."""
     if _interpreting():
         return {"BN": 32, "BK": 32, "BR": r_block, "num_warps": 4}
-    wide = torch.empty((), dtype=dtype).element_size() > 2
+    wide = torch.finfo(dtype).bits > 16
     return {"BN": 64 if wide else 128, "BK": 32 if wide else 64, "BR": min(r_block, 32 if wide else 64),
             "num_warps": 4 if wide else 8, "num_stages": 3}
 
