@@ -100,6 +100,22 @@ def test_mixed_batch_equals_each_sample_in_its_own_task(family, tmp_path):
             torch.testing.assert_close(_logits(model(x)), _logits(plain(x)), rtol=1e-5, atol=1e-5)
 
 
+def test_separate_k_v_linears_compute_each_gathered_task_hidden_once(tmp_path):
+    """HF ViT's k and v Linears share one PATT hidden per task, also when the task's samples are
+    gathered from an interleaved batch."""
+    build, shape = FAMILIES["hf_vit"]
+    tasks = {k: TASKS[k] for k in ("bapat", "lora")}
+    _trained_deltas(build, tmp_path, tasks)
+    model = _multi(build, tmp_path, tasks)
+    downs = [m for n, m in model.named_modules() if n.endswith("vpetl_patt.bapat.down")]
+    calls = []
+    for down in downs:
+        down.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad(), vpetl.route(model, ["bapat", "lora", "bapat", "lora"]):
+        model(torch.randn(4, *shape))
+    assert len(downs) == 2 and len(calls) == 2  # one per layer, not one per k and v Linear
+
+
 def test_equal_head_widths_give_one_tensor_and_sequential_adapters_route(tmp_path):
     tasks = {k: TASKS[k] for k in ("bapat", "adapter")}
     singles = _trained_deltas(FAMILIES["timm"][0], tmp_path, tasks, sequential=True)

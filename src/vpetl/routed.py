@@ -131,6 +131,22 @@ class RoutedPatt(ProjectionBranch):
         self._index = {task: i for i, task in enumerate(members)}
         self._taskset = taskset
         self._stack_cache: tuple[tuple, tuple] | None = None
+        self._gathered: dict[str, tuple[Tensor, Tensor, int]] = {}
+
+    def _gather(self, task: str, branch: PattBranch, x: Tensor, x2d: Tensor, rows: Tensor) -> Tensor:
+        """The rows of ``task`` from ``x2d``. Separate k and v Linears reading the same ``x`` (a
+        branch with several consumers) share one gather, so the branch's own cache computes
+        the hidden ``h`` once; the gather is dropped after its last consumer."""
+        if branch._consumers == 1:
+            return x2d.index_select(0, rows)
+        cached = self._gathered.pop(task, None)
+        if cached is not None and cached[0] is x:
+            if cached[2] > 1:
+                self._gathered[task] = (x, cached[1], cached[2] - 1)
+            return cached[1]
+        sub_x = x2d.index_select(0, rows)
+        self._gathered[task] = (x, sub_x, branch._consumers - 1)
+        return sub_x
 
     def add_into_(self, x: Tensor, x2d: Tensor, out: OutputSlots) -> None:
         routing = self._taskset.active("a PATT projection")
@@ -143,7 +159,7 @@ class RoutedPatt(ProjectionBranch):
                 continue
             rows = routing.rows(task, total, x2d.device, WHERE)
             branch._mark_called()
-            sub_x = x2d.index_select(0, rows)
+            sub_x = self._gather(task, branch, x, x2d, rows)
             h = branch.hidden(sub_x, sub_x)
             out.out2d.index_add_(0, rows, _full_width_delta(branch, h, out))
 
