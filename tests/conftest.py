@@ -86,3 +86,17 @@ def run_in_interpreter(test_file: str, select: str, gpu_only_skips: bool = False
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     assert " passed" in done.stdout and " failed" not in done.stdout, done.stdout[-3000:]
     assert gpu_only_skips or "skipped" not in done.stdout, done.stdout[-3000:]
+
+
+def trainable_count(model: torch.nn.Module) -> int:
+    """Parameters that require a gradient, counted directly (not through vpetl.summary)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def vit_base_on_meta() -> torch.nn.Module:
+    """timm ViT-B/16 without a head on the meta device: the paper's backbone shapes for counting
+    parameters, with no weights to initialise and no forward."""
+    import timm
+
+    with torch.device("meta"):
+        return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)

@@ -8,6 +8,8 @@ import copy
 import pytest
 import torch
 
+from conftest import trainable_count
+
 import vpetl
 from vpetl.handlers.hf_mlp import LINK_ATTR, MlpInputLink
 from vpetl.record import get_record
@@ -134,7 +136,7 @@ def test_trainable_count(name, factory, patt_bias):
     torch.manual_seed(0)
     model, _ = factory()
     vpetl.inject(model, "bapat", d_bottle=R)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = trainable_count(model)
     assert trainable == _expected_trainable(D, R, LAYERS, CLASSES, patt_bias)
     assert all((m.down.bias is not None) == patt_bias for m in patt_modules(model))
 

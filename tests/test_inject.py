@@ -14,7 +14,7 @@ from torch import nn
 import vpetl
 from vpetl.record import get_record
 
-from conftest import METHOD_OPTIONS, tiny_vit
+from conftest import METHOD_OPTIONS, tiny_vit, trainable_count
 
 DEPTH = 2
 
@@ -85,7 +85,7 @@ def test_train_head_false_freezes_the_head():
 def test_paper_parameter_count_vit_tiny_bapat16():
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10)
     vpetl.inject(model, "bapat", d_bottle=16)
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 415_306
+    assert trainable_count(model) == 415_306
     assert vpetl.summary(model).trainable_by_kind == {"patt": 12 * 9_616, "adapter": 12 * 24_832, "head": 1_930}
 
 

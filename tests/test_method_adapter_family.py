@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import tiny_hf_vit, tiny_swin3d, tiny_vit
+from conftest import tiny_hf_vit, tiny_swin3d, tiny_vit, trainable_count, vit_base_on_meta
 
 import vpetl
 from vpetl.methods._bottleneck import AdapterInit, AdapterScaling, BottleneckAdapter
@@ -81,11 +81,10 @@ def test_official_structure_of_each_default():
 
 
 def test_counts_on_vit_base():
-    with torch.device("meta"):  # shapes only: no weights to initialise, no forward
-        model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
+    model = vit_base_on_meta()
     for method, count in {"adapter_plus": 165_984, "houlsby": 313_536, "pfeiffer": 175_200}.items():
         vpetl.inject(model, method)
-        assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count, method
+        assert trainable_count(model) == count, method
         assert vpetl.summary(model).trainable_by_kind == {method: count}
         vpetl.unload(model)
     assert 12 * (1537 * 8 + 1536) == 165_984

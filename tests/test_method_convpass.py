@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import logits, tiny_hf_vit, tiny_swin3d, tiny_vit
+from conftest import logits, tiny_hf_vit, tiny_swin3d, tiny_vit, trainable_count, vit_base_on_meta
 from torch import nn
 
 import vpetl
@@ -98,12 +98,11 @@ def test_starts_as_the_base_model_and_follows_the_official_init():
 
 
 def test_parameter_count_of_vit_base():
-    with torch.device("meta"):
-        model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
+    model = vit_base_on_meta()
     vpetl.inject(model, "convpass")
     assert sum(p.numel() for p in model.blocks[0].vpetl_convpass.attn.parameters()) == 13_648
     assert vpetl.summary(model).trainable_by_kind == {"convpass": 327_552}
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 327_552
+    assert trainable_count(model) == 327_552
 
 
 @pytest.mark.parametrize("family", list(BUILDERS))

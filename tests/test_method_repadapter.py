@@ -8,7 +8,7 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import logits, tiny_hf_vit, tiny_swin3d, tiny_vit
+from conftest import logits, tiny_hf_vit, tiny_swin3d, tiny_vit, trainable_count, vit_base_on_meta
 from torch import nn
 
 import vpetl
@@ -80,12 +80,11 @@ def test_starts_as_the_base_model_and_follows_the_official_init():
 
 
 def test_parameter_count_of_vit_base():
-    with torch.device("meta"):
-        model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
+    model = vit_base_on_meta()
     vpetl.inject(model, "repadapter")
     assert sum(p.numel() for p in model.blocks[0].vpetl_repadapter.attn.parameters()) == 9_992
     assert vpetl.summary(model).trainable_by_kind == {"repadapter": 239_808}
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 239_808
+    assert trainable_count(model) == 239_808
 
 
 @pytest.mark.parametrize("family", list(BUILDERS))

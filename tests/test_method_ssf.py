@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import perturb_trainable, tiny_hf_vit, tiny_swin3d, tiny_vit
+from conftest import perturb_trainable, tiny_hf_vit, tiny_swin3d, tiny_vit, trainable_count
 
 import vpetl
 from vpetl.methods.ssf import SSF, SSFBranch
@@ -32,10 +32,6 @@ def _model_and_input(name):
 def _perturb(model, seed=3):
     """Random gamma/beta (and any other trained tensor) so that merging is tested for real."""
     perturb_trainable(model, seed)
-
-
-def _trainable(model):
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def test_equation_on_linear_conv_and_layernorm():
@@ -77,7 +73,7 @@ def test_paper_parameter_counts(build, count):
     with torch.device("meta"):  # shapes only: no weight init, no forward
         model = build()
     vpetl.inject(model, "ssf", train_head=False)
-    assert _trainable(model) == count
+    assert trainable_count(model) == count
 
 
 @pytest.mark.parametrize("name", list(INPUTS))

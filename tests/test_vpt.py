@@ -20,7 +20,7 @@ import vpetl
 from vpetl.methods.vpt import PromptTokens, prefix_token_count
 from vpetl.record import get_record
 
-from conftest import tiny_vit
+from conftest import tiny_vit, trainable_count
 
 L = 4
 
@@ -262,7 +262,7 @@ def test_vpt_defaults_match_its_paper_on_vit_b():
     tokens = model.blocks[0].vpetl_prompt.tokens
     assert tokens.shape == (50, 768) and vpetl.VPT().dropout == 0.0
     assert 0.0625 * 0.95 < tokens.abs().max().item() <= 0.0625
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 768 * 50
+    assert trainable_count(model) == 768 * 50
     deep = vpetl.inject(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0), "vpt",
                         length=2, deep=True)
     assert sum(p.numel() for p in deep.parameters() if p.requires_grad) == 9_216 * 2

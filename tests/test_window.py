@@ -16,6 +16,8 @@ from torch import nn
 from torchvision.models import swin_transformer as tv_swin
 from torchvision.models.video import swin_transformer as tv_swin3d
 
+from conftest import trainable_count
+
 import vpetl
 from vpetl.errors import InjectionError
 from vpetl.handlers import HANDLERS
@@ -82,10 +84,6 @@ def _inputs(shapes, seed: int = 1) -> list[torch.Tensor]:
 
 def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(p, m) for p, m in model.named_modules() if isinstance(m, WINDOW_CLASSES)]
-
-
-def _trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 # --------------------------------------------------------------- single-module equivalence
@@ -355,7 +353,7 @@ def test_paper_parameter_counts_video_swin_b(swin3d_b, method, d_bottle, expecte
         assert expected == sum(3 * d * d_bottle + d_bottle + 2 * d for d in VIDEO_SWIN_B_WIDTHS) + HEAD
     vpetl.inject(swin3d_b, method, d_bottle=d_bottle)
     try:
-        assert _trainable(swin3d_b) == expected
+        assert trainable_count(swin3d_b) == expected
     finally:
         vpetl.unload(swin3d_b)
-    assert _trainable(swin3d_b) == sum(p.numel() for p in swin3d_b.parameters())
+    assert trainable_count(swin3d_b) == sum(p.numel() for p in swin3d_b.parameters())
