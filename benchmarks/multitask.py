@@ -60,12 +60,10 @@ import argparse
 import contextlib
 import copy
 import ctypes
-import datetime as dt
 import gc
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -495,14 +493,9 @@ def metadata(args: argparse.Namespace) -> dict[str, Any]:
     import peft
 
     provenance = _sibling("provenance")
-    cuda = args.device.startswith("cuda")
     return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "cpu_threads": torch.get_num_threads(), "device": args.device,
-        "device_name": torch.cuda.get_device_name() if cuda else "cpu",
+        **provenance.machine_state(args.device),
         "torch": torch.__version__, "timm": timm.__version__, "peft": peft.__version__, "vpetl": vpetl.__version__,
-        "python": platform.python_version(),
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "command": " ".join(["python benchmarks/multitask.py", *sys.argv[1:]]),

@@ -1,4 +1,5 @@
-"""What a benchmark measured: the vpetl checkout's commit and any uncommitted source changes."""
+"""What a benchmark measured: the vpetl checkout's commit and any uncommitted source changes, and
+the machine it ran on."""
 
 from __future__ import annotations
 
@@ -24,6 +25,23 @@ def git_state() -> dict[str, Any]:
                 "vpetl_path": str(package)}
     except (OSError, subprocess.SubprocessError):
         return {"git_commit": None, "src_uncommitted": None, "vpetl_path": str(package)}
+
+
+def machine_state(device: str) -> dict[str, Any]:
+    """Date (UTC), machine, processor, cores, torch threads, device and its name, Python version."""
+    import datetime as dt
+    import os
+    import platform
+
+    import torch
+
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "cpu_threads": torch.get_num_threads(), "device": device,
+        "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "python": platform.python_version(),
+    }
 
 
 def describe(state: dict[str, Any]) -> str:

@@ -43,11 +43,9 @@ import argparse
 import contextlib
 import copy
 import ctypes
-import datetime as dt
 import gc
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -59,15 +57,15 @@ from queue import Empty
 from typing import Any, Callable
 
 
-def _git_state() -> dict:
-    """benchmarks/provenance.py's ``git_state``, loaded by path: the memory workers re-import
-    this script in a fresh process whose sys.path no longer holds this folder."""
+def _provenance():
+    """benchmarks/provenance.py, loaded by path: the memory workers re-import this script in a
+    fresh process whose sys.path no longer holds this folder."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("_vpetl_bench_provenance", Path(__file__).with_name("provenance.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.git_state()
+    return module
 
 
 # Python puts this script's folder first on sys.path; benchmarks/kernels.py would then shadow the
@@ -777,20 +775,17 @@ def metadata(args: argparse.Namespace) -> dict[str, Any]:
     import peft
     import torchvision
 
-    cuda = args.device.startswith("cuda")
+    provenance = _provenance()
     return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "cpu_threads": torch.get_num_threads(), "device": args.device,
-        "device_name": torch.cuda.get_device_name() if cuda else "cpu",
+        **provenance.machine_state(args.device),
         "amp": args.amp, "torch": torch.__version__, "torchvision": torchvision.__version__,
         "timm": timm.__version__, "peft": peft.__version__, "vpetl": vpetl.__version__,
-        "python": platform.python_version(), "repeats": args.repeats, "warmup": args.warmup,
+        "repeats": args.repeats, "warmup": args.warmup,
         "vpetl_kernel_env": os.environ.get("VPETL_KERNEL"),
         "optimizer": "torch.optim.AdamW(lr=1e-4), torch defaults for the device",
         "loss": "cross_entropy over random labels, num_classes=10",
         "command": " ".join(["python benchmarks/train_step.py", *sys.argv[1:]]),
-        **_git_state(),
+        **provenance.git_state(),
     }
 
 
